@@ -1,0 +1,761 @@
+/**
+ * The generic request path (QEMU's block/io.c): every request on a node passes
+ * here to be checked, aligned to request_alignment (read-modify-write under a
+ * serialising tracked request), split to max_transfer, counted in flight, and
+ * only then handed to the driver. Drivers never see an unaligned request.
+ */
+import { BlockError, isBlockError, throwIfAborted } from './errors.ts';
+import type { BdrvChild } from './child.ts';
+import type { BlockNode, TrackedRequest } from './node.ts';
+import { BDRV_MAX_LENGTH, BLOCK, OPEN, PERM, REQ, type BlockStatus, type PreallocMode } from './types.ts';
+import { isZeroBuffer } from './zero.ts';
+
+/** Largest bounce buffer used when emulating zero writes. */
+const MAX_ZERO_BOUNCE = 1 << 20;
+
+function alignDown(n: number, a: number): number {
+  return n - (n % a);
+}
+function alignUp(n: number, a: number): number {
+  const r = n % a;
+  return r === 0 ? n : n + (a - r);
+}
+
+/** Rejects ranges QEMU rejects with EIO (negative, or past BDRV_MAX_LENGTH), and non-integers with EINVAL. */
+export function checkRequest(offset: number, bytes: number): void {
+  if (!Number.isInteger(offset) || !Number.isInteger(bytes)) {
+    throw new BlockError('EINVAL', `Request offset and length must be integers (got ${offset}, ${bytes})`);
+  }
+  if (offset < 0) throw new BlockError('EIO', `offset is negative: ${offset}`);
+  if (bytes < 0) throw new BlockError('EIO', `bytes is negative: ${bytes}`);
+  if (bytes > BDRV_MAX_LENGTH) throw new BlockError('EIO', `bytes(${bytes}) exceeds maximum(${BDRV_MAX_LENGTH})`);
+  if (offset > BDRV_MAX_LENGTH - bytes) {
+    throw new BlockError('EIO', `sum of offset(${offset}) and bytes(${bytes}) exceeds maximum(${BDRV_MAX_LENGTH})`);
+  }
+}
+
+function checkNode(bs: BlockNode): void {
+  if (bs.closing) throw new BlockError('ENOMEDIUM', undefined, { node: bs.nodeName });
+}
+
+// ---------------------------------------------------------------------------
+// Tracked requests
+
+function trackBegin(bs: BlockNode, offset: number, bytes: number, isWrite: boolean): TrackedRequest {
+  let resolve!: () => void;
+  const done = new Promise<void>((r) => (resolve = r));
+  const req: TrackedRequest = {
+    seq: bs.nextRequestSeq++,
+    offset,
+    bytes,
+    overlapOffset: offset,
+    overlapBytes: bytes,
+    serialising: false,
+    isWrite,
+    done,
+    resolve,
+  };
+  bs.trackedRequests.add(req);
+  return req;
+}
+
+function trackEnd(bs: BlockNode, req: TrackedRequest): void {
+  bs.trackedRequests.delete(req);
+  req.resolve();
+}
+
+/** Widens the request's protected range to `align` and makes overlapping requests wait for it (QEMU's bdrv_make_request_serialising). */
+function makeSerialising(req: TrackedRequest, align: number): void {
+  const start = alignDown(req.overlapOffset, align);
+  const end = alignUp(req.overlapOffset + req.overlapBytes, align);
+  req.serialising = true;
+  req.overlapOffset = Math.min(start, req.overlapOffset);
+  req.overlapBytes = Math.max(end, req.overlapOffset + req.overlapBytes) - req.overlapOffset;
+}
+
+function overlaps(a: TrackedRequest, b: TrackedRequest): boolean {
+  return a.overlapOffset < b.overlapOffset + b.overlapBytes && b.overlapOffset < a.overlapOffset + a.overlapBytes;
+}
+
+/**
+ * Waits for every older overlapping request when either side is serialising.
+ * Waiting only on older requests keeps the wait graph acyclic.
+ */
+async function waitSerialising(bs: BlockNode, req: TrackedRequest): Promise<void> {
+  for (;;) {
+    let conflict: TrackedRequest | undefined;
+    for (const other of bs.trackedRequests) {
+      if (other === req || other.seq > req.seq) continue;
+      if (!other.serialising && !req.serialising) continue;
+      if (overlaps(req, other)) { conflict = other; break; }
+    }
+    if (!conflict) return;
+    await conflict.done;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Length
+
+/** Length of the node in bytes (QEMU's bdrv_getlength); asks drivers with variable length every time. */
+export async function bdrvGetLength(bs: BlockNode): Promise<number> {
+  checkNode(bs);
+  if (bs.drv.hasVariableLength && bs.drv.getLength) {
+    bs.totalBytes = await bs.drv.getLength(bs);
+  }
+  return bs.totalBytes;
+}
+
+/** Re-reads the length from the driver (after open or truncate). */
+export async function refreshTotalBytes(bs: BlockNode): Promise<number> {
+  if (bs.drv.getLength) bs.totalBytes = await bs.drv.getLength(bs);
+  else if (bs.primaryChild) bs.totalBytes = await bdrvGetLength(bs.primaryChild.bs);
+  return bs.totalBytes;
+}
+
+// ---------------------------------------------------------------------------
+// Reads
+
+async function driverPreadv(bs: BlockNode, offset: number, bytes: number, buf: Uint8Array, flags: number, signal?: AbortSignal): Promise<void> {
+  const drv = bs.drv;
+  if (drv.preadv) return drv.preadv(bs, offset, bytes, buf, flags & ~REQ.COPY_ON_READ, signal);
+  const child = bs.filteredChild;
+  if (child) return bdrvPreadv(child, offset, bytes, buf, flags, signal);
+  throw new BlockError('ENOTSUP', `Driver '${drv.name}' cannot read`, { node: bs.nodeName });
+}
+
+/** Reads an aligned range, zero-filling past EOF and splitting to max_transfer (QEMU's bdrv_aligned_preadv). */
+async function alignedPreadv(bs: BlockNode, req: TrackedRequest | null, offset: number, bytes: number, align: number, buf: Uint8Array, flags: number, signal?: AbortSignal): Promise<void> {
+  if (flags & REQ.COPY_ON_READ && req) {
+    await copyOnReadv(bs, req, offset, bytes, buf, flags, signal);
+    return;
+  }
+  const total = await bdrvGetLength(bs);
+  const maxBytes = alignUp(Math.max(0, total - offset), align);
+  const toRead = Math.min(bytes, maxBytes);
+  const maxTransfer = bs.bl.maxTransfer > 0 ? alignDown(bs.bl.maxTransfer, align) || align : toRead;
+  let done = 0;
+  while (done < toRead) {
+    throwIfAborted(signal);
+    const n = Math.min(toRead - done, maxTransfer);
+    await driverPreadv(bs, offset + done, n, buf.subarray(done, done + n), flags, signal);
+    done += n;
+  }
+  if (toRead < bytes) buf.fill(0, toRead, bytes);
+}
+
+/** Cluster size used to align copy-on-read (QEMU's bdrv_round_to_subclusters). */
+async function copyOnReadAlign(bs: BlockNode): Promise<number> {
+  let cs = 0;
+  if (bs.drv.getInfo) {
+    try {
+      const info = await bs.drv.getInfo(bs);
+      cs = info.subclusterSize ?? info.clusterSize ?? 0;
+    } catch { cs = 0; }
+  }
+  return Math.max(cs, bs.bl.requestAlignment, 1);
+}
+
+async function copyOnReadv(bs: BlockNode, req: TrackedRequest, offset: number, bytes: number, buf: Uint8Array, flags: number, signal?: AbortSignal): Promise<void> {
+  const align = await copyOnReadAlign(bs);
+  makeSerialising(req, align);
+  await waitSerialising(bs, req);
+  const total = await bdrvGetLength(bs);
+  const start = alignDown(offset, align);
+  const end = Math.min(alignUp(offset + bytes, align), alignUp(total, bs.bl.requestAlignment));
+  let pos = start;
+  while (pos < end) {
+    throwIfAborted(signal);
+    const { allocated, pnum } = await bdrvIsAllocated(bs, pos, end - pos);
+    const n = Math.max(pnum, Math.min(align, end - pos));
+    const chunk = new Uint8Array(n);
+    await alignedPreadv(bs, null, pos, n, bs.bl.requestAlignment, chunk, flags & ~REQ.COPY_ON_READ, signal);
+    if (!allocated) {
+      // Only the part of the cluster-aligned range up to EOF is written back.
+      const writeLen = Math.min(n, Math.max(0, total - pos));
+      if (writeLen > 0) {
+        const zero = isZeroBuffer(chunk.subarray(0, writeLen));
+        if (zero && bs.drv.pwriteZeroes) {
+          await doPwriteZeroes(bs, pos, writeLen, REQ.WRITE_UNCHANGED);
+        } else {
+          await alignedPwritev(bs, req, pos, writeLen, bs.bl.requestAlignment, chunk.subarray(0, writeLen), REQ.WRITE_UNCHANGED, signal);
+        }
+      }
+    }
+    const a = Math.max(pos, offset);
+    const b = Math.min(pos + n, offset + bytes);
+    if (b > a) buf.set(chunk.subarray(a - pos, b - pos), a - offset);
+    pos += n;
+  }
+}
+
+/**
+ * Reads `bytes` at `offset` from the child's node into `buf` (QEMU's
+ * bdrv_co_preadv_part). Unaligned requests are widened and bounced.
+ */
+export async function bdrvPreadv(child: BdrvChild, offset: number, bytes: number, buf: Uint8Array, flags = 0, signal?: AbortSignal): Promise<void> {
+  const bs = child.bs;
+  checkNode(bs);
+  checkRequest(offset, bytes);
+  if (buf.length < bytes) throw new BlockError('EINVAL', `Buffer of ${buf.length} bytes is smaller than the request (${bytes})`);
+  if (bytes === 0) return;
+  throwIfAborted(signal);
+  bs.incInFlight();
+  if (bs.copyOnRead > 0) flags |= REQ.COPY_ON_READ;
+  const align = bs.bl.requestAlignment;
+  const start = alignDown(offset, align);
+  const end = alignUp(offset + bytes, align);
+  const req = trackBegin(bs, start, end - start, false);
+  try {
+    await waitSerialising(bs, req);
+    if (start === offset && end === offset + bytes) {
+      await alignedPreadv(bs, req, offset, bytes, align, buf, flags, signal);
+    } else {
+      const bounce = new Uint8Array(end - start);
+      await alignedPreadv(bs, req, start, end - start, align, bounce, flags, signal);
+      buf.set(bounce.subarray(offset - start, offset - start + bytes));
+    }
+  } finally {
+    trackEnd(bs, req);
+    bs.decInFlight();
+  }
+}
+
+/** Reads into a fresh buffer. */
+export async function bdrvPread(child: BdrvChild, offset: number, bytes: number, flags = 0): Promise<Uint8Array> {
+  const buf = new Uint8Array(bytes);
+  await bdrvPreadv(child, offset, bytes, buf, flags);
+  return buf;
+}
+
+// ---------------------------------------------------------------------------
+// Writes
+
+function checkWritePerm(child: BdrvChild, offset: number, bytes: number, flags: number): void {
+  const bs = child.bs;
+  const need = flags & REQ.WRITE_UNCHANGED ? PERM.WRITE | PERM.WRITE_UNCHANGED : PERM.WRITE;
+  if (bs.readOnly || !(child.perm & need)) {
+    throw new BlockError('EPERM', undefined, { node: bs.nodeName });
+  }
+  if (offset + bytes > bs.totalBytes && !(child.perm & PERM.RESIZE) && bs.drv.kind === 'format' && !bs.drv.hasVariableLength) {
+    // Formats have a fixed virtual size; only protocols grow on write.
+  }
+}
+
+/** Runs the before-write hooks and the write threshold (QEMU's bdrv_co_write_req_prepare). */
+async function writeReqPrepare(bs: BlockNode, offset: number, bytes: number, flags: number): Promise<void> {
+  for (const hook of bs.beforeWriteHooks) await hook(bs, offset, bytes, flags);
+  if (bs.writeThreshold > 0 && offset + bytes > bs.writeThreshold && bs.onWriteThreshold) {
+    const exceeded = offset + bytes - bs.writeThreshold;
+    const cb = bs.onWriteThreshold;
+    bs.writeThreshold = 0; // fires once, like QEMU's event
+    cb(bs, exceeded);
+  }
+}
+
+/** Bookkeeping after a write (QEMU's bdrv_co_write_req_finish). */
+function writeReqFinish(bs: BlockNode, offset: number, bytes: number): void {
+  bs.writeGen++;
+  const end = offset + bytes;
+  if (end > bs.wrHighestOffset) bs.wrHighestOffset = end;
+  if (end > bs.totalBytes && bs.drv.kind !== 'format') bs.totalBytes = end;
+}
+
+async function driverPwritev(bs: BlockNode, offset: number, bytes: number, buf: Uint8Array, flags: number, signal?: AbortSignal): Promise<void> {
+  const drv = bs.drv;
+  if (flags & REQ.WRITE_COMPRESSED) {
+    if (!drv.pwritevCompressed) throw new BlockError('ENOTSUP', undefined, { node: bs.nodeName });
+    return drv.pwritevCompressed(bs, offset, bytes, buf);
+  }
+  const emulateFua = (flags & REQ.FUA) !== 0 && (bs.supportedWriteFlags & REQ.FUA) === 0;
+  const passFlags = flags & (bs.supportedWriteFlags | REQ.WRITE_UNCHANGED);
+  if (drv.pwritev) await drv.pwritev(bs, offset, bytes, buf, passFlags, signal);
+  else if (bs.filteredChild) await bdrvPwritev(bs.filteredChild, offset, bytes, buf, flags, signal);
+  else throw new BlockError('ENOTSUP', `Driver '${drv.name}' cannot write`, { node: bs.nodeName });
+  if (emulateFua) await bdrvFlush(bs);
+}
+
+/** Writes an aligned range (QEMU's bdrv_aligned_pwritev): hooks, detect-zeroes, split, FUA. */
+async function alignedPwritev(bs: BlockNode, _req: TrackedRequest | null, offset: number, bytes: number, align: number, buf: Uint8Array, flags: number, signal?: AbortSignal): Promise<void> {
+  await writeReqPrepare(bs, offset, bytes, flags);
+  if (bs.detectZeroes !== 'off' && !(flags & (REQ.ZERO_WRITE | REQ.WRITE_COMPRESSED)) && isZeroBuffer(buf.subarray(0, bytes))) {
+    flags |= REQ.ZERO_WRITE;
+    if (bs.detectZeroes === 'unmap' && bs.openFlags & OPEN.UNMAP) flags |= REQ.MAY_UNMAP;
+  }
+  if (flags & REQ.ZERO_WRITE) {
+    await doPwriteZeroes(bs, offset, bytes, flags);
+  } else if (flags & REQ.WRITE_COMPRESSED) {
+    await driverPwritev(bs, offset, bytes, buf, flags, signal);
+  } else {
+    const maxTransfer = bs.bl.maxTransfer > 0 ? alignDown(bs.bl.maxTransfer, align) || align : bytes;
+    let done = 0;
+    while (done < bytes) {
+      throwIfAborted(signal);
+      const n = Math.min(bytes - done, maxTransfer);
+      await driverPwritev(bs, offset + done, n, buf.subarray(done, done + n), flags, signal);
+      done += n;
+    }
+  }
+  writeReqFinish(bs, offset, bytes);
+}
+
+/**
+ * Zeroes a range via the driver, falling back to writing a zero buffer when
+ * the driver cannot (unless NO_FALLBACK). Honours pwrite_zeroes alignment by
+ * writing unaligned head and tail as buffers (QEMU's bdrv_co_do_pwrite_zeroes).
+ */
+async function doPwriteZeroes(bs: BlockNode, offset: number, bytes: number, flags: number): Promise<void> {
+  const drv = bs.drv;
+  const align = Math.max(bs.bl.pwriteZeroesAlignment || 1, bs.bl.requestAlignment);
+  const maxWriteZeroes = bs.bl.maxPwriteZeroes > 0 ? alignDown(bs.bl.maxPwriteZeroes, align) || align : Number.MAX_SAFE_INTEGER;
+  if (!(bs.supportedZeroFlags & REQ.MAY_UNMAP)) flags &= ~REQ.MAY_UNMAP;
+  const headEnd = Math.min(offset + bytes, alignUp(offset, align));
+  let pos = offset;
+  const end = offset + bytes;
+  while (pos < end) {
+    let num: number;
+    if (pos < headEnd && pos % align !== 0) num = headEnd - pos;
+    else if (end - pos >= align) num = Math.min(alignDown(end - pos, align), maxWriteZeroes);
+    else num = end - pos;
+    const aligned = pos % align === 0 && num % align === 0;
+    let fallback = !aligned || !drv.pwriteZeroes;
+    if (!fallback) {
+      try {
+        const passFlags = flags & (bs.supportedZeroFlags | REQ.MAY_UNMAP | REQ.NO_FALLBACK | REQ.WRITE_UNCHANGED);
+        await drv.pwriteZeroes!(bs, pos, num, passFlags);
+        if (flags & REQ.FUA && !(bs.supportedZeroFlags & REQ.FUA)) await bdrvFlush(bs);
+      } catch (e) {
+        if (!isBlockError(e, 'ENOTSUP')) throw e;
+        fallback = true;
+      }
+    }
+    if (fallback) {
+      if (flags & REQ.NO_FALLBACK) throw new BlockError('ENOTSUP', undefined, { node: bs.nodeName });
+      let done = 0;
+      const chunkMax = Math.min(MAX_ZERO_BOUNCE, bs.bl.maxTransfer > 0 ? bs.bl.maxTransfer : MAX_ZERO_BOUNCE);
+      const zero = new Uint8Array(Math.min(num, chunkMax));
+      while (done < num) {
+        const n = Math.min(num - done, zero.length);
+        await driverPwritev(bs, pos + done, n, zero.subarray(0, n), flags & ~(REQ.ZERO_WRITE | REQ.MAY_UNMAP | REQ.NO_FALLBACK), undefined);
+        done += n;
+      }
+    }
+    pos += num;
+  }
+}
+
+/**
+ * Writes `bytes` from `buf` at `offset` through the child (QEMU's
+ * bdrv_co_pwritev_part). Unaligned edges are read, merged and written back
+ * while a serialising tracked request keeps overlapping requests out.
+ */
+export async function bdrvPwritev(child: BdrvChild, offset: number, bytes: number, buf: Uint8Array | null, flags = 0, signal?: AbortSignal): Promise<void> {
+  const bs = child.bs;
+  checkNode(bs);
+  checkRequest(offset, bytes);
+  if (!(flags & REQ.ZERO_WRITE) && (!buf || buf.length < bytes)) {
+    throw new BlockError('EINVAL', `Buffer is smaller than the request (${bytes})`);
+  }
+  checkWritePerm(child, offset, bytes, flags);
+  if (bytes === 0) return;
+  throwIfAborted(signal);
+  bs.incInFlight();
+  const align = bs.bl.requestAlignment;
+  const start = alignDown(offset, align);
+  const end = alignUp(offset + bytes, align);
+  const req = trackBegin(bs, offset, bytes, true);
+  try {
+    const unaligned = start !== offset || end !== offset + bytes;
+    if (unaligned) makeSerialising(req, align);
+    await waitSerialising(bs, req);
+    if (flags & REQ.ZERO_WRITE) {
+      await zeroPwritev(bs, req, offset, bytes, align, flags);
+    } else if (!unaligned) {
+      await alignedPwritev(bs, req, offset, bytes, align, buf!, flags, signal);
+    } else {
+      if (flags & REQ.WRITE_COMPRESSED) {
+        throw new BlockError('EINVAL', 'Compressed writes must be aligned to the request alignment', { node: bs.nodeName });
+      }
+      const bounce = new Uint8Array(end - start);
+      // Head and tail come from storage; they may be the same aligned block.
+      await alignedPreadv(bs, null, start, align, align, bounce.subarray(0, align), 0, signal);
+      if (end - align > start) {
+        await alignedPreadv(bs, null, end - align, align, align, bounce.subarray(end - align - start), 0, signal);
+      }
+      bounce.set(buf!.subarray(0, bytes), offset - start);
+      await alignedPwritev(bs, req, start, end - start, align, bounce, flags, signal);
+    }
+  } finally {
+    trackEnd(bs, req);
+    bs.decInFlight();
+  }
+}
+
+/** Zero write with unaligned edges done as read-modify-write (QEMU's bdrv_co_do_zero_pwritev). */
+async function zeroPwritev(bs: BlockNode, req: TrackedRequest, offset: number, bytes: number, align: number, flags: number): Promise<void> {
+  const end = offset + bytes;
+  let pos = offset;
+  const rmw = async (blockStart: number, from: number, to: number): Promise<void> => {
+    const block = new Uint8Array(align);
+    await alignedPreadv(bs, null, blockStart, align, align, block, 0);
+    block.fill(0, from - blockStart, to - blockStart);
+    await alignedPwritev(bs, req, blockStart, align, align, block, flags & ~(REQ.ZERO_WRITE | REQ.MAY_UNMAP | REQ.NO_FALLBACK));
+  };
+  if (pos % align !== 0) {
+    const bstart = alignDown(pos, align);
+    const to = Math.min(end, bstart + align);
+    await rmw(bstart, pos, to);
+    pos = to;
+  }
+  const midEnd = alignDown(end, align);
+  if (midEnd > pos) {
+    await writeReqPrepare(bs, pos, midEnd - pos, flags);
+    await doPwriteZeroes(bs, pos, midEnd - pos, flags);
+    writeReqFinish(bs, pos, midEnd - pos);
+    pos = midEnd;
+  }
+  if (pos < end) await rmw(pos, pos, end);
+}
+
+/** Writes a buffer at offset (whole buffer). */
+export function bdrvPwrite(child: BdrvChild, offset: number, buf: Uint8Array, flags = 0): Promise<void> {
+  return bdrvPwritev(child, offset, buf.length, buf, flags);
+}
+
+/** Zeroes a range (QEMU's bdrv_co_pwrite_zeroes); MAY_UNMAP allows deallocation, NO_FALLBACK forbids buffer emulation. */
+export function bdrvPwriteZeroes(child: BdrvChild, offset: number, bytes: number, flags = 0): Promise<void> {
+  return bdrvPwritev(child, offset, bytes, null, flags | REQ.ZERO_WRITE);
+}
+
+/** Writes one compressed cluster-aligned range (QEMU's bdrv_pwrite_compressed path). */
+export function bdrvPwriteCompressed(child: BdrvChild, offset: number, buf: Uint8Array): Promise<void> {
+  return bdrvPwritev(child, offset, buf.length, buf, REQ.WRITE_COMPRESSED);
+}
+
+// ---------------------------------------------------------------------------
+// Discard
+
+/**
+ * Discards a range (QEMU's bdrv_co_pdiscard): ignored unless the node was opened
+ * with discard=unmap; only whole aligned fragments reach the driver; ENOTSUP
+ * from the driver is not an error because discard is advisory.
+ */
+export async function bdrvPdiscard(child: BdrvChild, offset: number, bytes: number): Promise<void> {
+  const bs = child.bs;
+  checkNode(bs);
+  checkRequest(offset, bytes);
+  if (bs.readOnly || !(child.perm & PERM.WRITE)) throw new BlockError('EPERM', undefined, { node: bs.nodeName });
+  if (bytes === 0) return;
+  if (!(bs.openFlags & OPEN.UNMAP)) return;
+  const drv = bs.drv;
+  if (!drv.pdiscard && !bs.filteredChild) return;
+  bs.incInFlight();
+  const req = trackBegin(bs, offset, bytes, true);
+  try {
+    await waitSerialising(bs, req);
+    await writeReqPrepare(bs, offset, bytes, 0);
+    const ra = bs.bl.requestAlignment;
+    const align = Math.max(bs.bl.pdiscardAlignment || 1, ra);
+    const maxDiscard = bs.bl.maxPdiscard > 0 ? alignDown(bs.bl.maxPdiscard, align) || align : Number.MAX_SAFE_INTEGER;
+    let pos = offset;
+    const end = offset + bytes;
+    while (pos < end) {
+      let num = end - pos;
+      const head = pos % align;
+      if (head) {
+        num = Math.min(num, align - head);
+        if (num % ra) num = num - (num % ra) || num;
+      } else if (num >= align) {
+        num = Math.min(alignDown(num, align), maxDiscard);
+      }
+      const frag = pos % ra === 0 && num % ra === 0;
+      if (frag) {
+        try {
+          if (drv.pdiscard) await drv.pdiscard(bs, pos, num);
+          else await bdrvPdiscard(bs.filteredChild!, pos, num);
+        } catch (e) {
+          if (!isBlockError(e, 'ENOTSUP')) throw e;
+        }
+      }
+      pos += num;
+    }
+    writeReqFinish(bs, offset, 0);
+  } finally {
+    trackEnd(bs, req);
+    bs.decInFlight();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Flush
+
+/**
+ * Makes everything written to `bs` and below durable (QEMU's bdrv_co_flush).
+ * Does no I/O when nothing was written since the last successful flush;
+ * concurrent flushes share one.
+ */
+export async function bdrvFlush(bs: BlockNode): Promise<void> {
+  checkNode(bs);
+  bs.incInFlight();
+  try {
+    while (bs.activeFlush) await bs.activeFlush.catch(() => undefined);
+    const gen = bs.writeGen;
+    if (bs.flushedGen === gen) return;
+    const p = doFlush(bs);
+    bs.activeFlush = p;
+    try {
+      await p;
+      bs.flushedGen = Math.max(bs.flushedGen, gen);
+    } finally {
+      bs.activeFlush = null;
+    }
+  } finally {
+    bs.decInFlight();
+  }
+}
+
+async function doFlush(bs: BlockNode): Promise<void> {
+  const drv = bs.drv;
+  if (drv.flushToOs) await drv.flushToOs(bs);
+  if (!(bs.openFlags & OPEN.NO_FLUSH) && drv.flushToDisk) await drv.flushToDisk(bs);
+  let first: unknown;
+  for (const c of bs.children) {
+    if (c.perm & (PERM.WRITE | PERM.WRITE_UNCHANGED)) {
+      try { await bdrvFlush(c.bs); } catch (e) { first ??= e; }
+    }
+  }
+  if (first !== undefined) throw first;
+}
+
+// ---------------------------------------------------------------------------
+// Truncate
+
+/** Resizes the node (QEMU's bdrv_co_truncate) and tells its parents. */
+export async function bdrvTruncate(child: BdrvChild, offset: number, exact: boolean, prealloc: PreallocMode = 'off', flags = 0): Promise<void> {
+  const bs = child.bs;
+  checkNode(bs);
+  if (!Number.isInteger(offset)) throw new BlockError('EINVAL', 'Image size must be an integer');
+  if (offset < 0) throw new BlockError('EINVAL', 'Image size cannot be negative', { node: bs.nodeName });
+  if (offset > BDRV_MAX_LENGTH) throw new BlockError('EFBIG', `Required too big image size, it must be not greater than ${BDRV_MAX_LENGTH}`, { node: bs.nodeName });
+  if (bs.readOnly) throw new BlockError('EACCES', 'Image is read-only', { node: bs.nodeName });
+  if (!(child.perm & PERM.RESIZE)) throw new BlockError('EPERM', 'Resize permission not granted', { node: bs.nodeName });
+  bs.incInFlight();
+  const old = bs.totalBytes;
+  const req = trackBegin(bs, Math.min(old, offset), BDRV_MAX_LENGTH - Math.min(old, offset), true);
+  makeSerialising(req, 1);
+  try {
+    await waitSerialising(bs, req);
+    if (bs.drv.truncate) {
+      await bs.drv.truncate(bs, offset, exact, prealloc, flags);
+    } else if (bs.filteredChild) {
+      await bdrvTruncate(bs.filteredChild, offset, exact, prealloc, flags);
+    } else {
+      throw new BlockError('ENOTSUP', 'Image format driver does not support resize', { node: bs.nodeName });
+    }
+    await refreshTotalBytes(bs);
+    bs.writeGen++;
+    if (bs.wrHighestOffset > bs.totalBytes) bs.wrHighestOffset = bs.totalBytes;
+    for (const p of bs.parents) p.parent.resized?.();
+  } finally {
+    trackEnd(bs, req);
+    bs.decInFlight();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Block status
+
+/**
+ * Status of the range starting at `offset` on `bs` alone (QEMU's
+ * bdrv_co_block_status): one extent, recursing into the protocol layer for
+ * RAW answers and, with wantZero, refining DATA with the file's zero ranges.
+ */
+export async function bdrvBlockStatus(bs: BlockNode, wantZero: boolean, offset: number, bytes: number): Promise<BlockStatus> {
+  checkNode(bs);
+  const total = await bdrvGetLength(bs);
+  if (offset >= total) return { status: BLOCK.EOF, pnum: 0 };
+  if (bytes === 0) return { status: 0, pnum: 0 };
+  bytes = Math.min(bytes, total - offset);
+  const drv = bs.drv;
+  let st: BlockStatus;
+  if (!drv.blockStatus) {
+    if (bs.filteredChild) {
+      st = { status: BLOCK.RAW | BLOCK.OFFSET_VALID, pnum: bytes, map: offset, file: bs.filteredChild.bs };
+    } else {
+      st = { status: BLOCK.DATA | BLOCK.ALLOCATED, pnum: bytes };
+      if (drv.kind === 'protocol') {
+        st.status |= BLOCK.OFFSET_VALID;
+        st.map = offset;
+        st.file = bs;
+      }
+    }
+  } else {
+    const align = bs.bl.requestAlignment;
+    const aOff = alignDown(offset, align);
+    const aBytes = alignUp(offset + bytes, align) - aOff;
+    bs.incInFlight();
+    try {
+      st = await drv.blockStatus(bs, wantZero, aOff, aBytes);
+    } finally {
+      bs.decInFlight();
+    }
+    if (!(st.pnum > 0)) throw new BlockError('EIO', `Driver '${drv.name}' returned an empty block status extent`, { node: bs.nodeName });
+    const skew = offset - aOff;
+    st.pnum = Math.min(st.pnum - skew, bytes);
+    if (st.pnum <= 0) throw new BlockError('EIO', `Driver '${drv.name}' returned a block status extent shorter than the alignment`, { node: bs.nodeName });
+    if (st.status & BLOCK.OFFSET_VALID && st.map !== undefined) st.map += skew;
+  }
+  if (st.status & BLOCK.RAW) {
+    if (!(st.status & BLOCK.OFFSET_VALID) || !st.file || st.map === undefined) {
+      throw new BlockError('EIO', `Driver '${drv.name}' returned RAW block status without an offset`, { node: bs.nodeName });
+    }
+    const inner = await bdrvBlockStatus(st.file, wantZero, st.map, st.pnum);
+    if (inner.pnum === 0) {
+      // The file ends before the mapped range: reads there return zeroes.
+      inner.status = BLOCK.ZERO | BLOCK.ALLOCATED | (inner.status & BLOCK.EOF);
+      inner.pnum = st.pnum;
+    }
+    if (offset + inner.pnum === total) inner.status |= BLOCK.EOF;
+    else inner.status &= ~BLOCK.EOF;
+    return inner;
+  }
+  if (st.status & (BLOCK.DATA | BLOCK.ZERO)) {
+    st.status |= BLOCK.ALLOCATED;
+  } else if (drv.supportsBacking) {
+    const cow = bs.backing?.bs;
+    if (!cow) st.status |= BLOCK.ZERO;
+    else if (wantZero) {
+      const size2 = await bdrvGetLength(cow);
+      if (offset >= size2) st.status |= BLOCK.ZERO;
+    }
+  }
+  if (wantZero && st.status & BLOCK.RECURSE && st.file && st.file !== bs && st.status & BLOCK.DATA && !(st.status & BLOCK.ZERO) && st.status & BLOCK.OFFSET_VALID && st.map !== undefined) {
+    try {
+      const f = await bdrvBlockStatus(st.file, wantZero, st.map, st.pnum);
+      if (f.status & BLOCK.EOF && (f.pnum === 0 || f.status & BLOCK.ZERO)) {
+        st.status |= BLOCK.ZERO;
+      } else {
+        st.pnum = f.pnum;
+        st.status |= f.status & BLOCK.ZERO;
+      }
+    } catch {
+      // Extra information only; the format's answer stands.
+    }
+  }
+  st.status &= ~BLOCK.RECURSE;
+  if (offset + st.pnum === total) st.status |= BLOCK.EOF;
+  else st.status &= ~BLOCK.EOF;
+  return st;
+}
+
+/** The node below `bs` that supplies unallocated data: its backing (COW) or filtered child (QEMU's bdrv_filter_or_cow_bs). */
+export function filterOrCowBs(bs: BlockNode): BlockNode | null {
+  if (bs.drv.kind === 'filter') return bs.filteredChild?.bs ?? null;
+  if (bs.drv.supportsBacking) return bs.backing?.bs ?? null;
+  return null;
+}
+
+/** Status through the backing chain down to `base` (QEMU's bdrv_co_common_block_status_above); depth counts the layers visited. */
+export async function bdrvBlockStatusAbove(bs: BlockNode, base: BlockNode | null, includeBase: boolean, wantZero: boolean, offset: number, bytes: number): Promise<BlockStatus & { depth: number }> {
+  if (!includeBase && bs === base) return { status: 0, pnum: bytes, depth: 0 };
+  let depth = 1;
+  let st = await bdrvBlockStatus(bs, wantZero, offset, bytes);
+  if (st.pnum === 0 || st.status & BLOCK.ALLOCATED || bs === base) return { ...st, depth };
+  const eof = st.status & BLOCK.EOF ? offset + st.pnum : -1;
+  bytes = st.pnum;
+  for (let p = filterOrCowBs(bs); p && (includeBase || p !== base); p = filterOrCowBs(p)) {
+    st = await bdrvBlockStatus(p, wantZero, offset, bytes);
+    depth++;
+    if (st.pnum === 0) {
+      // The layer is shorter than the one above: its zeroes past EOF count as allocated here.
+      st = { status: BLOCK.ZERO | BLOCK.ALLOCATED, pnum: bytes, file: p };
+      break;
+    }
+    if (st.status & BLOCK.ALLOCATED) {
+      st.status &= ~BLOCK.EOF;
+      break;
+    }
+    if (p === base) break;
+    bytes = st.pnum;
+  }
+  if (offset + st.pnum === eof) st.status |= BLOCK.EOF;
+  return { ...st, depth };
+}
+
+/** Whether [offset, offset+bytes) is allocated in `bs` itself, and for how many bytes the answer holds (QEMU's bdrv_is_allocated). */
+export async function bdrvIsAllocated(bs: BlockNode, offset: number, bytes: number): Promise<{ allocated: boolean; pnum: number }> {
+  const st = await bdrvBlockStatusAbove(bs, bs, true, false, offset, bytes);
+  return { allocated: (st.status & BLOCK.ALLOCATED) !== 0, pnum: st.pnum };
+}
+
+/**
+ * Whether the range is allocated anywhere from `top` down to `base` (QEMU's
+ * bdrv_is_allocated_above): depth is 0 when unallocated, else the layer
+ * (1 = top) that has it.
+ */
+export async function bdrvIsAllocatedAbove(top: BlockNode, base: BlockNode | null, includeBase: boolean, offset: number, bytes: number): Promise<{ depth: number; pnum: number }> {
+  const st = await bdrvBlockStatusAbove(top, base, includeBase, false, offset, bytes);
+  return { depth: st.status & BLOCK.ALLOCATED ? st.depth : 0, pnum: st.pnum };
+}
+
+// ---------------------------------------------------------------------------
+// Drain
+
+/**
+ * Begins a drained section on `bs` (QEMU's bdrv_drained_begin): its parents
+ * stop issuing requests, and this resolves once nothing is in flight on the
+ * node or above it.
+ */
+export async function bdrvDrainedBegin(bs: BlockNode): Promise<void> {
+  drainedBeginQuiesce(bs);
+  await drainPoll(bs);
+}
+
+function drainedBeginQuiesce(bs: BlockNode): void {
+  if (bs.quiesceCounter++ === 0) {
+    for (const p of bs.parents) {
+      if (p.parent.kind === 'node' && p.parent.node) drainedBeginQuiesce(p.parent.node);
+      else p.parent.drainedBegin?.();
+    }
+    bs.drv.drainBegin?.(bs);
+  }
+}
+
+async function drainPoll(bs: BlockNode): Promise<void> {
+  for (let guard = 0; guard < 1_000_000; guard++) {
+    const busy = findBusy(bs, new Set());
+    if (!busy) return;
+    await busy.waitIdle();
+  }
+}
+
+function findBusy(bs: BlockNode, seen: Set<BlockNode>): BlockNode | null {
+  if (seen.has(bs)) return null;
+  seen.add(bs);
+  if (bs.inFlight > 0) return bs;
+  for (const p of bs.parents) {
+    if (p.parent.kind === 'node' && p.parent.node) {
+      const b = findBusy(p.parent.node, seen);
+      if (b) return b;
+    }
+  }
+  return null;
+}
+
+/** Ends a drained section begun with bdrvDrainedBegin. */
+export function bdrvDrainedEnd(bs: BlockNode): void {
+  if (bs.quiesceCounter <= 0) throw new BlockError('EINVAL', 'drained_end without drained_begin', { node: bs.nodeName });
+  if (--bs.quiesceCounter === 0) {
+    bs.drv.drainEnd?.(bs);
+    for (const p of bs.parents) {
+      if (p.parent.kind === 'node' && p.parent.node) bdrvDrainedEnd(p.parent.node);
+      else p.parent.drainedEnd?.();
+    }
+  }
+}
+
+/** Waits until `bs` and its parents are idle, without keeping them quiesced (QEMU's bdrv_drain). */
+export async function bdrvDrain(bs: BlockNode): Promise<void> {
+  await bdrvDrainedBegin(bs);
+  bdrvDrainedEnd(bs);
+}
