@@ -1,0 +1,87 @@
+// Zero detection over linear memory: used to skip writing all-zero clusters,
+// to detect zero ranges for `qemu-img map`-style reporting and for
+// `convert`'s sparse output. 64 bytes per iteration with four v128 loads.
+//
+// Both kernels read only [ptr, ptr + len). Unaligned heads and tails are
+// handled with overlapping unaligned v128 loads when len >= 16, so no byte
+// outside the range is touched and no byte inside it is skipped.
+
+/** Returns the index (0..15) of the first non-zero byte of `v`, or 16 when all are zero. */
+// @ts-ignore: decorator
+@inline
+function firstNonZeroLane(v: v128): i32 {
+  const nonZero = ~i8x16.bitmask(i8x16.eq(v, i8x16.splat(0))) & 0xffff;
+  return nonZero == 0 ? 16 : ctz<i32>(nonZero);
+}
+
+/** True when the `len` bytes at `ptr` are all zero (true for len 0). */
+export function isZero(ptr: usize, len: usize): bool {
+  const end = ptr + len;
+  if (len < 16) {
+    let p = ptr;
+    while (p + 8 <= end) {
+      if (load<u64>(p) != 0) return false;
+      p += 8;
+    }
+    while (p < end) {
+      if (load<u8>(p) != 0) return false;
+      p++;
+    }
+    return true;
+  }
+  // Unaligned head: one vector at ptr, then continue from the next 16-byte boundary.
+  if (v128.any_true(v128.load(ptr))) return false;
+  let p = (ptr + 16) & ~(<usize>15);
+  while (end - p >= 64) {
+    const a = v128.load(p);
+    const b = v128.load(p, 16);
+    const c = v128.load(p, 32);
+    const d = v128.load(p, 48);
+    if (v128.any_true(v128.or(v128.or(a, b), v128.or(c, d)))) return false;
+    p += 64;
+  }
+  while (end - p >= 16) {
+    if (v128.any_true(v128.load(p))) return false;
+    p += 16;
+  }
+  // Unaligned tail: the last 16 bytes, overlapping bytes already checked.
+  if (p < end && v128.any_true(v128.load(end - 16))) return false;
+  return true;
+}
+
+/** Offset of the first non-zero byte in the `len` bytes at `ptr`, or -1 when all are zero. */
+export function firstNonZero(ptr: usize, len: usize): isize {
+  const end = ptr + len;
+  if (len < 16) {
+    for (let p = ptr; p < end; p++) {
+      if (load<u8>(p) != 0) return <isize>(p - ptr);
+    }
+    return -1;
+  }
+  let lane = firstNonZeroLane(v128.load(ptr));
+  if (lane < 16) return <isize>lane;
+  let p = (ptr + 16) & ~(<usize>15);
+  // Skip 64-byte blocks that are entirely zero; the 16-byte loop below
+  // locates the byte inside the first block that is not.
+  while (end - p >= 64) {
+    const a = v128.load(p);
+    const b = v128.load(p, 16);
+    const c = v128.load(p, 32);
+    const d = v128.load(p, 48);
+    if (v128.any_true(v128.or(v128.or(a, b), v128.or(c, d)))) break;
+    p += 64;
+  }
+  while (end - p >= 16) {
+    lane = firstNonZeroLane(v128.load(p));
+    if (lane < 16) return <isize>(p - ptr) + lane;
+    p += 16;
+  }
+  if (p < end) {
+    // Bytes of this vector below p were already found zero, so any
+    // non-zero lane lies at or after p.
+    const tail = end - 16;
+    lane = firstNonZeroLane(v128.load(tail));
+    if (lane < 16) return <isize>(tail - ptr) + lane;
+  }
+  return -1;
+}

@@ -1,0 +1,151 @@
+import { beforeAll, describe, expect, it } from 'vitest';
+import fc from 'fast-check';
+import { COPY_CHUNK, type Kernels, kernels, loadKernels, simdSupported, usingWasm } from './index.ts';
+import { firstNonZeroRef, isZeroRef } from './reference.ts';
+import { isZeroBuffer } from '../core/zero.ts';
+
+/** The obvious oracle both implementations must agree with. */
+function naiveFirstNonZero(buf: Uint8Array): number {
+  return buf.findIndex((b) => b !== 0);
+}
+
+/** Fills `buf` with bytes from a small xorshift PRNG seeded by `seed`. */
+function fillRandom(buf: Uint8Array, seed: number): void {
+  let x = seed | 0 || 0x9e3779b9;
+  for (let i = 0; i < buf.length; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    buf[i] = x & 0xff;
+  }
+}
+
+type Shape =
+  | { kind: 'zero' }
+  | { kind: 'single'; pos: number; value: number }
+  | { kind: 'sparse'; picks: Array<{ pos: number; value: number }> }
+  | { kind: 'random'; seed: number };
+
+const shapeArb: fc.Arbitrary<Shape> = fc.oneof(
+  fc.constant<Shape>({ kind: 'zero' }),
+  fc.record({ kind: fc.constant('single' as const), pos: fc.double({ min: 0, max: 1, noNaN: true, maxExcluded: true }), value: fc.integer({ min: 1, max: 255 }) }),
+  fc.record({
+    kind: fc.constant('sparse' as const),
+    picks: fc.array(fc.record({ pos: fc.double({ min: 0, max: 1, noNaN: true, maxExcluded: true }), value: fc.integer({ min: 1, max: 255 }) }), { minLength: 1, maxLength: 6 }),
+  }),
+  fc.record({ kind: fc.constant('random' as const), seed: fc.integer() }),
+);
+
+/** Writes `shape` into the (zeroed) `buf`; positions are fractions of the length. */
+function applyShape(buf: Uint8Array, shape: Shape): void {
+  const len = buf.length;
+  if (len === 0) return;
+  switch (shape.kind) {
+    case 'zero':
+      return;
+    case 'single':
+      buf[Math.floor(shape.pos * len)] = shape.value;
+      return;
+    case 'sparse':
+      for (const p of shape.picks) buf[Math.floor(p.pos * len)] = p.value;
+      return;
+    case 'random':
+      fillRandom(buf, shape.seed);
+      return;
+  }
+}
+
+/** Places `len` zeroed bytes at an address that is `shift` past a 16-byte boundary inside wasm memory. */
+function wasmView(k: Kernels, len: number, shift: number): Uint8Array {
+  const host = k.host!;
+  const ptr = host.scratch('test-in-place', len + 32);
+  const start = ((ptr + 15) & ~15) + shift;
+  const view = host.bytes().subarray(start, start + len);
+  view.fill(0);
+  return view;
+}
+
+describe('kernels', () => {
+  let k: Kernels;
+  beforeAll(async () => {
+    k = await loadKernels();
+  });
+
+  it('run as wasm in Node, not the silent reference fallback', () => {
+    expect(simdSupported()).toBe(true);
+    expect(usingWasm()).toBe(true);
+    expect(kernels()).toBe(k);
+    expect(k.host).not.toBeNull();
+  });
+
+  it('serve the request path\'s zero check once loaded', () => {
+    const buf = new Uint8Array(70000);
+    expect(isZeroBuffer(buf)).toBe(true);
+    buf[69999] = 1;
+    expect(isZeroBuffer(buf)).toBe(false);
+  });
+
+  it('agree with the reference and the oracle on copied buffers', () => {
+    fc.assert(
+      fc.property(fc.integer({ min: 0, max: 70000 }), fc.integer({ min: 0, max: 15 }), shapeArb, (len, shift, shape) => {
+        // A view at a random offset into a JS ArrayBuffer: exercises the reference's unaligned head.
+        const buf = new Uint8Array(len + 16).subarray(shift, shift + len);
+        applyShape(buf, shape);
+        const want = naiveFirstNonZero(buf);
+        expect(firstNonZeroRef(buf)).toBe(want);
+        expect(isZeroRef(buf)).toBe(want === -1);
+        expect(k.firstNonZero(buf)).toBe(want);
+        expect(k.isZero(buf)).toBe(want === -1);
+      }),
+      { numRuns: 400 },
+    );
+  });
+
+  it('agree with the oracle on unaligned data already in wasm memory', () => {
+    fc.assert(
+      fc.property(fc.integer({ min: 0, max: 70000 }), fc.integer({ min: 0, max: 15 }), shapeArb, (len, shift, shape) => {
+        const view = wasmView(k, len, shift);
+        applyShape(view, shape);
+        expect(k.host!.contains(view)).toBe(true);
+        const want = naiveFirstNonZero(view);
+        expect(k.firstNonZero(view)).toBe(want);
+        expect(k.isZero(view)).toBe(want === -1);
+        expect(firstNonZeroRef(view)).toBe(want);
+      }),
+      { numRuns: 400 },
+    );
+  });
+
+  it('find every single non-zero byte in short buffers at every alignment', () => {
+    for (let shift = 0; shift < 16; shift++) {
+      for (let len = 0; len <= 80; len++) {
+        const view = wasmView(k, len, shift);
+        expect(k.isZero(view)).toBe(true);
+        expect(k.firstNonZero(view)).toBe(-1);
+        for (let pos = 0; pos < len; pos++) {
+          view[pos] = 0x80;
+          if (pos + 1 < len) view[len - 1] = 1; // a later byte must not win
+          expect(k.firstNonZero(view)).toBe(pos);
+          expect(k.isZero(view)).toBe(false);
+          view.fill(0);
+        }
+      }
+    }
+  });
+
+  it('scan buffers larger than the copy chunk, growing wasm memory', () => {
+    const big = new Uint8Array(COPY_CHUNK * 2 + 12345);
+    expect(k.isZero(big)).toBe(true);
+    expect(k.firstNonZero(big)).toBe(-1);
+    for (const pos of [0, COPY_CHUNK - 1, COPY_CHUNK, COPY_CHUNK * 2 + 1, big.length - 1]) {
+      big[pos] = 7;
+      expect(k.firstNonZero(big)).toBe(pos);
+      expect(k.isZero(big)).toBe(false);
+      big[pos] = 0;
+    }
+    // Views into memory must still be usable after the scratch block grew.
+    const view = wasmView(k, 100, 3);
+    view[42] = 1;
+    expect(k.firstNonZero(view)).toBe(42);
+  });
+});
