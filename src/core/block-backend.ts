@@ -408,14 +408,9 @@ export class BlockBackend {
       } else if (!this.isAvailable()) {
         throw new BlockError('ENOMEDIUM', undefined, { node: this.name });
       }
-      if (this.throttle && (type === 'read' || type === 'write') && this.quiesceCounter === 0) {
-        this.decInFlight();
-        try {
-          await this.throttle.intercept(bytes, type === 'write', signal);
-        } finally {
-          this.incInFlight();
-        }
-        await this.waitWhileBlocked();
+      if (this.throttle && (type === 'read' || type === 'write')) {
+        // Throttled requests stay in flight: a drain disables the limits and waits for them, as QEMU does.
+        await this.throttle.intercept(bytes, type === 'write', signal);
       }
       for (;;) {
         throwIfAborted(signal);

@@ -190,12 +190,13 @@ export class Graph {
     const { name, auto } = this.newNodeName(options['node-name']);
     const driverOpts: Record<string, unknown> = {};
     for (const [k, v] of Object.entries(options)) {
-      if (k === 'filename' || !GENERIC_KEYS.has(k)) driverOpts[k] = v;
+      // Child specs ride along so drivers can open them; the rest of the generic keys are handled here.
+      if (k === 'filename' || k === 'file' || k === 'data-file' || !GENERIC_KEYS.has(k)) driverOpts[k] = v;
     }
     if (driverOpts.filename !== undefined && drv.kind !== 'protocol' && drv.parseFilename === undefined) {
       delete driverOpts.filename;
     }
-    const known = new Set(['filename', ...(drv.runtimeOptions ?? []).map((o) => o.name)]);
+    const known = new Set(['filename', 'file', 'data-file', ...(drv.runtimeOptions ?? []).map((o) => o.name)]);
     for (const k of Object.keys(driverOpts)) {
       if (!known.has(k)) {
         throw new BlockError(

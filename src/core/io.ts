@@ -38,6 +38,19 @@ function checkNode(bs: BlockNode): void {
   if (bs.closing) throw new BlockError('ENOMEDIUM', undefined, { node: bs.nodeName });
 }
 
+/**
+ * Announces a debug event (QEMU's bdrv_debug_event / BLKDBG_EVENT): walks from
+ * `bs` down the primary children to the first driver that listens (blkdebug)
+ * and lets it act; the promise rejects when it injects an error. Returns
+ * undefined when nothing below listens, so the common case costs no I/O.
+ */
+export function bdrvDebugEvent(bs: BlockNode | null | undefined, event: string): Promise<void> | undefined {
+  for (let n = bs; n; n = n.primaryChild?.bs) {
+    if (n.drv.debugEvent) return n.drv.debugEvent(n, event);
+  }
+  return undefined;
+}
+
 // ---------------------------------------------------------------------------
 // Tracked requests
 
@@ -174,6 +187,7 @@ async function copyOnReadv(bs: BlockNode, req: TrackedRequest, offset: number, b
       // Only the part of the cluster-aligned range up to EOF is written back.
       const writeLen = Math.min(n, Math.max(0, total - pos));
       if (writeLen > 0) {
+        await bdrvDebugEvent(bs, 'cor_write');
         const zero = isZeroBuffer(chunk.subarray(0, writeLen));
         if (zero && bs.drv.pwriteZeroes) {
           await doPwriteZeroes(bs, pos, writeLen, REQ.WRITE_UNCHANGED);
@@ -244,6 +258,9 @@ function checkWritePerm(child: BdrvChild, offset: number, bytes: number, flags: 
 
 /** Runs the before-write hooks and the write threshold (QEMU's bdrv_co_write_req_prepare). */
 async function writeReqPrepare(bs: BlockNode, offset: number, bytes: number, flags: number): Promise<void> {
+  // Bumped here and again on completion: an emulated FUA flush inside the write
+  // must not be skipped, and a flush racing the write must not count it as flushed.
+  bs.writeGen++;
   for (const hook of bs.beforeWriteHooks) await hook(bs, offset, bytes, flags);
   if (bs.writeThreshold > 0 && offset + bytes > bs.writeThreshold && bs.onWriteThreshold) {
     const exceeded = offset + bytes - bs.writeThreshold;
@@ -283,10 +300,12 @@ async function alignedPwritev(bs: BlockNode, _req: TrackedRequest | null, offset
     if (bs.detectZeroes === 'unmap' && bs.openFlags & OPEN.UNMAP) flags |= REQ.MAY_UNMAP;
   }
   if (flags & REQ.ZERO_WRITE) {
+    await bdrvDebugEvent(bs, 'pwritev_zero');
     await doPwriteZeroes(bs, offset, bytes, flags);
   } else if (flags & REQ.WRITE_COMPRESSED) {
     await driverPwritev(bs, offset, bytes, buf, flags, signal);
   } else {
+    await bdrvDebugEvent(bs, 'pwritev');
     const maxTransfer = bs.bl.maxTransfer > 0 ? alignDown(bs.bl.maxTransfer, align) || align : bytes;
     let done = 0;
     while (done < bytes) {
@@ -296,6 +315,7 @@ async function alignedPwritev(bs: BlockNode, _req: TrackedRequest | null, offset
       done += n;
     }
   }
+  await bdrvDebugEvent(bs, 'pwritev_done');
   writeReqFinish(bs, offset, bytes);
 }
 
@@ -378,9 +398,15 @@ export async function bdrvPwritev(child: BdrvChild, offset: number, bytes: numbe
       }
       const bounce = new Uint8Array(end - start);
       // Head and tail come from storage; they may be the same aligned block.
+      const headPadded = start !== offset;
+      await bdrvDebugEvent(bs, headPadded ? 'pwritev_rmw_head' : 'pwritev_rmw_tail');
       await alignedPreadv(bs, null, start, align, align, bounce.subarray(0, align), 0, signal);
+      await bdrvDebugEvent(bs, headPadded ? 'pwritev_rmw_after_head' : 'pwritev_rmw_after_tail');
       if (end - align > start) {
+        const tailPadded = end !== offset + bytes;
+        if (tailPadded) await bdrvDebugEvent(bs, 'pwritev_rmw_tail');
         await alignedPreadv(bs, null, end - align, align, align, bounce.subarray(end - align - start), 0, signal);
+        if (tailPadded) await bdrvDebugEvent(bs, 'pwritev_rmw_after_tail');
       }
       bounce.set(buf!.subarray(0, bytes), offset - start);
       await alignedPwritev(bs, req, start, end - start, align, bounce, flags, signal);
@@ -397,7 +423,10 @@ async function zeroPwritev(bs: BlockNode, req: TrackedRequest, offset: number, b
   let pos = offset;
   const rmw = async (blockStart: number, from: number, to: number): Promise<void> => {
     const block = new Uint8Array(align);
+    const head = blockStart === alignDown(offset, align) && offset % align !== 0;
+    await bdrvDebugEvent(bs, head ? 'pwritev_rmw_head' : 'pwritev_rmw_tail');
     await alignedPreadv(bs, null, blockStart, align, align, block, 0);
+    await bdrvDebugEvent(bs, head ? 'pwritev_rmw_after_head' : 'pwritev_rmw_after_tail');
     block.fill(0, from - blockStart, to - blockStart);
     await alignedPwritev(bs, req, blockStart, align, align, block, flags & ~(REQ.ZERO_WRITE | REQ.MAY_UNMAP | REQ.NO_FALLBACK));
   };
@@ -410,7 +439,9 @@ async function zeroPwritev(bs: BlockNode, req: TrackedRequest, offset: number, b
   const midEnd = alignDown(end, align);
   if (midEnd > pos) {
     await writeReqPrepare(bs, pos, midEnd - pos, flags);
+    await bdrvDebugEvent(bs, 'pwritev_zero');
     await doPwriteZeroes(bs, pos, midEnd - pos, flags);
+    await bdrvDebugEvent(bs, 'pwritev_done');
     writeReqFinish(bs, pos, midEnd - pos);
     pos = midEnd;
   }
@@ -516,8 +547,14 @@ export async function bdrvFlush(bs: BlockNode): Promise<void> {
 
 async function doFlush(bs: BlockNode): Promise<void> {
   const drv = bs.drv;
+  // QEMU announces flushes on the primary child, where a blkdebug node below a format listens.
+  const primary = bs.primaryChild?.bs;
+  await bdrvDebugEvent(primary, 'flush_to_os');
   if (drv.flushToOs) await drv.flushToOs(bs);
-  if (!(bs.openFlags & OPEN.NO_FLUSH) && drv.flushToDisk) await drv.flushToDisk(bs);
+  if (!(bs.openFlags & OPEN.NO_FLUSH)) {
+    await bdrvDebugEvent(primary, 'flush_to_disk');
+    if (drv.flushToDisk) await drv.flushToDisk(bs);
+  }
   let first: unknown;
   for (const c of bs.children) {
     if (c.perm & (PERM.WRITE | PERM.WRITE_UNCHANGED)) {
