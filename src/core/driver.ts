@@ -151,4 +151,9 @@ export interface BlockDriver {
   reopenAbort?(state: ReopenState): void;
   /** Drop cached metadata (after another process may have changed the file). */
   invalidateCache?(bs: BlockNode): Promise<void>;
+  /**
+   * A debug event (QEMU's bdrv_co_debug_event / BLKDBG_EVENT) reached this node;
+   * only blkdebug listens. May suspend (breakpoints) or reject (injected errors).
+   */
+  debugEvent?(bs: BlockNode, event: string): Promise<void>;
 }
