@@ -65,7 +65,7 @@ async function openHttp(path: string, extra: Record<string, unknown> = {}): Prom
 }
 
 function nodeOf(blk: BlockBackend): BlockNode {
-  const bs = blk.root?.bs;
+  const bs = blk.bs;
   if (!bs) throw new Error('backend has no node');
   return bs;
 }
