@@ -408,13 +408,15 @@ export class BlockBackend {
       } else if (!this.isAvailable()) {
         throw new BlockError('ENOMEDIUM', undefined, { node: this.name });
       }
+      // Timed from before throttling: QEMU's devices start accounting before the request reaches the backend.
+      let cookie: BlockAcctCookie = this.stats.acctStart(type, bytes);
       if (this.throttle && (type === 'read' || type === 'write')) {
         // Throttled requests stay in flight: a drain disables the limits and waits for them, as QEMU does.
         await this.throttle.intercept(bytes, type === 'write', signal);
       }
-      for (;;) {
+      for (let attempt = 0; ; attempt++) {
         throwIfAborted(signal);
-        const cookie: BlockAcctCookie = this.stats.acctStart(type, bytes);
+        if (attempt > 0) cookie = this.stats.acctStart(type, bytes);
         try {
           await op();
           this.stats.acctDone(cookie);
