@@ -1,0 +1,23 @@
+/**
+ * Every driver usable under Node, for building a Graph:
+ * `new Graph({ drivers: nodeDrivers(), defaultProtocol: 'file' })`.
+ * Engineers adding a driver that runs in Node list it here.
+ */
+import type { BlockDriver } from './core/driver.ts';
+import { rawDriver } from './formats/raw.ts';
+import { fileDriver } from './protocols/file.ts';
+import { memoryDriver } from './protocols/memory.ts';
+import { nullAioDriver, nullCoDriver } from './protocols/null.ts';
+
+/** The drivers a Node graph registers, protocols first; raw is always present as the probing fallback. */
+export function nodeDrivers(): BlockDriver[] {
+  return [
+    // protocols
+    fileDriver,
+    memoryDriver,
+    nullCoDriver,
+    nullAioDriver,
+    // formats
+    rawDriver,
+  ];
+}
