@@ -468,6 +468,8 @@ export class Graph {
       if (opts.nodeName) options['node-name'] = opts.nodeName;
       const bs = await this.openWithDriver(this.getDriver(fmt), options, flags);
       bs.probed = probed;
+      // Drivers size their limits by `probed` (raw makes probed images sector-aligned), so refresh now it is known.
+      if (probed) this.refreshLimits(bs);
       if (!bs.filename) bs.filename = proto.filename;
       return bs;
     } finally {
