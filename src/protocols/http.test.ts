@@ -12,6 +12,7 @@ import { bdrvBlockStatus } from '../core/io.ts';
 import type { BlockNode } from '../core/node.ts';
 import { BLOCK, OPEN } from '../core/types.ts';
 import { createHttpDriver, httpState, httpStats, parseContentRange, type HttpState } from './http.ts';
+import { readOnlyCases, type ReadOnlyTarget } from './readonly-conformance.ts';
 
 let srv: RangeServer;
 /** Delays the injected sleep was asked for, in order. */
@@ -431,4 +432,23 @@ describe('parseContentRange', () => {
     expect(parseContentRange('items 0-1/2')).toBeNull();
     expect(parseContentRange(null)).toBeNull();
   });
+});
+
+describe('read-only conformance over http', () => {
+  const target: ReadOnlyTarget = {
+    name: 'http',
+    async open() {
+      const g = new Graph({ drivers: [createHttpDriver()] });
+      const blk = await BlockBackend.open(g, { driver: 'http', url: `${srv.url}/disk.img`, readahead: 65536 }, { readOnly: true });
+      return {
+        blk,
+        expected: IMG,
+        async close() {
+          await blk.close();
+          await g.closeAll();
+        },
+      };
+    },
+  };
+  for (const c of readOnlyCases()) it(c.name, () => c.run(target));
 });
