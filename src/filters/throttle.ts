@@ -91,12 +91,13 @@ export function createThrottleDriver(registry: ThrottleGroupRegistry = throttleG
       await bdrvPwriteCompressed(bs.file!, offset, buf.subarray(0, bytes));
     },
 
+    // Both run on a node whose open failed half-way too (closing drains it), when there is no member yet.
     drainBegin(bs) {
-      member(bs).drainBegin();
+      (bs.opaque as ThrottleNodeState | undefined)?.member.drainBegin();
     },
 
     drainEnd(bs) {
-      member(bs).drainEnd();
+      (bs.opaque as ThrottleNodeState | undefined)?.member.drainEnd();
     },
 
     async reopenPrepare(state: ReopenState) {
