@@ -1,0 +1,94 @@
+/**
+ * Compressed clusters (QEMU's block/qcow2-threads.c). zlib clusters are raw
+ * deflate with a 4 KiB (2^12) window; zstd clusters are one zstd frame. Both
+ * are followed by padding up to the next 512-byte sector, which the
+ * decompressors here must ignore: fflate's streaming Inflate stops at the
+ * final deflate block, and fzstd's streaming Decompress is stopped as soon as
+ * the cluster is full (its one-shot decompress treats the padding as another
+ * frame and throws; DecompressionStream rejects trailing bytes too).
+ * A cluster is valid only if it decompresses to exactly one cluster, as in
+ * QEMU's qcow2_zlib_decompress / qcow2_zstd_decompress.
+ */
+import { Inflate } from 'fflate';
+import { Decompress } from 'fzstd';
+import { deflateRaw } from 'pako';
+import { BlockError } from '../../core/errors.ts';
+import { COMPRESSION_TYPE } from './header.ts';
+
+function decompressError(kind: string, detail: string): BlockError {
+  return new BlockError('EIO', `qcow2: ${kind} decompression failed: ${detail}`);
+}
+
+/** Streams `src` through a decompressor into `dst`, requiring exactly dst.length bytes of output. */
+function collect(kind: string, dst: Uint8Array, run: (sink: (chunk: Uint8Array) => void) => void): void {
+  let pos = 0;
+  let overflow = false;
+  const sink = (chunk: Uint8Array): void => {
+    const room = dst.length - pos;
+    if (chunk.length > room) overflow = true;
+    dst.set(chunk.subarray(0, Math.min(room, chunk.length)), pos);
+    pos += Math.min(room, chunk.length);
+  };
+  try {
+    run(sink);
+  } catch (e) {
+    // A full cluster followed by padding the decompressor chokes on is a valid cluster.
+    if (pos !== dst.length || overflow) throw decompressError(kind, e instanceof Error ? e.message : String(e));
+    return;
+  }
+  if (overflow) throw decompressError(kind, 'data larger than a cluster');
+  if (pos !== dst.length) throw decompressError(kind, `${pos} bytes instead of ${dst.length}`);
+}
+
+/** Marker thrown to stop fzstd once the cluster is full. */
+class ClusterFull extends Error {}
+
+/**
+ * Decompresses one compressed cluster's data `src` (including sector
+ * padding) into `dst`, which is exactly one cluster. Throws EIO with a
+ * message when the data is corrupt or does not fill the cluster exactly.
+ */
+export function decompressCluster(type: number, src: Uint8Array, dst: Uint8Array): void {
+  if (type === COMPRESSION_TYPE.ZLIB) {
+    collect('zlib', dst, (sink) => {
+      const inf = new Inflate((chunk) => sink(chunk));
+      inf.push(src, true);
+    });
+    return;
+  }
+  if (type === COMPRESSION_TYPE.ZSTD) {
+    let got = 0;
+    collect('zstd', dst, (sink) => {
+      const d = new Decompress((chunk) => {
+        sink(chunk);
+        got += chunk.length;
+        if (got >= dst.length) throw new ClusterFull();
+      });
+      try {
+        d.push(src, true);
+      } catch (e) {
+        if (!(e instanceof ClusterFull)) throw e;
+      }
+    });
+    return;
+  }
+  throw new BlockError('ENOTSUP', `qcow2: unknown compression type: ${type}`);
+}
+
+/**
+ * Compresses one cluster for writing (QEMU's qcow2_co_compress): returns the
+ * compressed bytes, or null when they would not be smaller than `maxLen`
+ * (the caller then writes the cluster uncompressed). zstd compression has no
+ * JS implementation here yet, so it throws ENOTSUP.
+ */
+export function compressCluster(type: number, src: Uint8Array, maxLen: number): Uint8Array | null {
+  if (type === COMPRESSION_TYPE.ZLIB) {
+    // QEMU: deflateInit2(Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY).
+    const out = deflateRaw(src, { level: -1, windowBits: 12, memLevel: 9 });
+    return out.length > maxLen ? null : out;
+  }
+  if (type === COMPRESSION_TYPE.ZSTD) {
+    throw new BlockError('ENOTSUP', 'qcow2: writing zstd-compressed clusters is not supported');
+  }
+  throw new BlockError('ENOTSUP', `qcow2: unknown compression type: ${type}`);
+}

@@ -1,0 +1,571 @@
+/**
+ * The qcow2 format driver (QEMU's block/qcow2.c): probe, open with QEMU's
+ * validation, the read path (data, zero, unallocated → backing or zeroes,
+ * compressed, extended L2 subclusters, external data files), block status,
+ * info, measure and create. Writes are not implemented yet: a read-write open
+ * of a healthy image works, but every modifying request fails with ENOTSUP.
+ */
+import type { BdrvChild } from '../../core/child.ts';
+import type { BlockDriver, BlockDriverInfo, ImageInfoSpecific, MeasureInfo, SnapshotInfo } from '../../core/driver.ts';
+import { BlockError, toBlockError } from '../../core/errors.ts';
+import type { ImplicitOpenRequest } from '../../core/graph.ts';
+import { bdrvBlockStatusAbove, bdrvGetLength, bdrvPread, bdrvPreadv, bdrvPwritev } from '../../core/io.ts';
+import type { BlockNode } from '../../core/node.ts';
+import type { CreateOptions, OptionSpec } from '../../core/options.ts';
+import { parseOptionValue } from '../../core/options.ts';
+import { BDRV_MAX_LENGTH, BLOCK, OPEN, ROLE, type BlockdevOptions, type BlockStatus } from '../../core/types.ts';
+import { CACHE_OPTIONS, computeCacheSizes, MetadataCache } from './cache.ts';
+import { getHostOffset, parseCompressedEntry, SC, type L2Geometry, type MappingContext } from './cluster.ts';
+import { decompressCluster } from './compress.ts';
+import { CREATE_OPTIONS, measureQcow2, qcow2Create } from './create.ts';
+import {
+  AUTOCLEAR,
+  COMPAT,
+  COMPRESSION_TYPE_NAMES,
+  CRYPT,
+  extensionsEnd,
+  HEADER_SIZE,
+  hex,
+  INCOMPAT,
+  LIMITS,
+  parseExtensions,
+  parseHeader,
+  QCOW_MAGIC,
+  serializeHeader,
+  unsupportedFeatureMessage,
+  validateTable,
+  type Qcow2Extensions,
+  type Qcow2Header,
+} from './header.ts';
+import { RefcountState } from './refcount.ts';
+import { readSnapshots, type Qcow2Snapshot } from './snapshot.ts';
+
+/** Per-node state of an open qcow2 image (QEMU's BDRVQcow2State, read side). */
+export interface Qcow2State {
+  header: Qcow2Header;
+  ext: Qcow2Extensions;
+  clusterBits: number;
+  clusterSize: number;
+  subclusterBits: number;
+  subclusterSize: number;
+  subclustersPerCluster: number;
+  /** L2 entries per table (l2_size). */
+  l2Entries: number;
+  l2EntryBytes: number;
+  /** Index of the first L1 entry past the disk: the VM state area (l1_vm_state_index). */
+  l1VmStateIndex: number;
+  l1: Uint8Array;
+  l2Cache: MetadataCache;
+  refcountCache: MetadataCache;
+  refcount: RefcountState;
+  /** Where guest data lives: the data-file child, or bs.file. */
+  dataFile: BdrvChild;
+  hasDataFile: boolean;
+  /** Backing file name as stored in the image (image_backing_file). */
+  imageBackingFile?: string;
+  snapshots: Qcow2Snapshot[];
+  snapshotsSize: number;
+  mapping: MappingContext;
+  /** Result of QEMU's metadata-preallocation detection, computed on first block-status. */
+  metadataPreallocation?: boolean;
+  cleanTimer?: ReturnType<typeof setInterval>;
+  lazyRefcounts: boolean;
+  /** Last decompressed cluster, keyed by its descriptor, so small sequential reads inflate once. */
+  lastCompressed?: { hi: number; lo: number; data: Uint8Array };
+}
+
+const WRITE_NOT_IMPLEMENTED = 'qcow2: writes are not implemented yet; open the image read-only';
+
+/** Overlap-check templates QEMU accepts. */
+const OVERLAP_TEMPLATES = ['none', 'constant', 'cached', 'all'];
+const OVERLAP_BOOLS = ['main-header', 'active-l1', 'active-l2', 'refcount-table', 'refcount-block', 'snapshot-table', 'inactive-l1', 'inactive-l2', 'bitmap-directory'];
+
+const RUNTIME_OPTIONS: readonly OptionSpec[] = [
+  { name: 'lazy-refcounts', type: 'bool', help: 'Postpone refcount updates' },
+  { name: 'pass-discard-request', type: 'bool', help: 'Pass guest discard requests to the layer below' },
+  { name: 'pass-discard-snapshot', type: 'bool', help: 'Generate discard requests when snapshot related space is freed' },
+  { name: 'pass-discard-other', type: 'bool', help: 'Generate discard requests when other clusters are freed' },
+  { name: 'overlap-check', type: 'string', help: 'Selects which overlap checks to perform from a range of templates (none, constant, cached, all)' },
+  { name: 'overlap-check.template', type: 'string', help: 'Selects which overlap checks to perform from a range of templates (none, constant, cached, all)' },
+  ...OVERLAP_BOOLS.map((n): OptionSpec => ({ name: `overlap-check.${n}`, type: 'bool' })),
+  ...CACHE_OPTIONS,
+  { name: 'encrypt.key-secret', type: 'string', help: 'ID of secret providing qcow2 AES key or LUKS passphrase' },
+];
+
+function state(bs: BlockNode): Qcow2State {
+  const s = bs.opaque as Qcow2State | undefined;
+  if (!s) throw new BlockError('ENOMEDIUM', undefined, { node: bs.nodeName });
+  return s;
+}
+
+/** QEMU's qcow2_signal_corruption for the read side: the request fails with EIO and the message QEMU prints. */
+function corruption(bs: BlockNode, message: string): BlockError {
+  return new BlockError('EIO', `qcow2: Image is corrupt: ${message}`, { node: bs.nodeName });
+}
+
+/** Validates the options QEMU checks in qcow2_update_options_prepare that do not size the caches. */
+function checkRuntimeOptions(opts: Record<string, unknown>, version: number, compatibleFeatures: bigint): boolean {
+  const boolOpt = (name: string): boolean | undefined => {
+    const v = opts[name];
+    if (v === undefined) return undefined;
+    return parseOptionValue({ name, type: 'bool' }, v as string | boolean) as boolean;
+  };
+  const lazy = boolOpt('lazy-refcounts') ?? (compatibleFeatures & COMPAT.LAZY_REFCOUNTS) !== 0n;
+  if (lazy && version < 3) {
+    throw new BlockError('EINVAL', 'Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level');
+  }
+  const ov = opts['overlap-check'] as string | undefined;
+  const ovt = opts['overlap-check.template'] as string | undefined;
+  if (ov !== undefined && ovt !== undefined && ov !== ovt) {
+    throw new BlockError('EINVAL', `Conflicting values for qcow2 options 'overlap-check' ('${ov}') and 'overlap-check.template' ('${ovt}')`);
+  }
+  const tmpl = ov ?? ovt ?? 'cached';
+  if (!OVERLAP_TEMPLATES.includes(tmpl)) {
+    throw new BlockError('EINVAL', `Unsupported value '${tmpl}' for qcow2 option 'overlap-check'. Allowed are any of the following: none, constant, cached, all`);
+  }
+  for (const n of ['pass-discard-request', 'pass-discard-snapshot', 'pass-discard-other', ...OVERLAP_BOOLS.map((b) => `overlap-check.${b}`)]) boolOpt(n);
+  return lazy;
+}
+
+/** Reads exactly `len` bytes at `offset` of the file into a fresh buffer, prefixing errors with `what`. */
+async function readMeta(child: BdrvChild, offset: number, len: number, what: string): Promise<Uint8Array> {
+  try {
+    return await bdrvPread(child, offset, len);
+  } catch (e) {
+    const be = toBlockError(e);
+    throw new BlockError(be.code, `${what}: ${be.message}`, { cause: e });
+  }
+}
+
+/** Opens the external data file named in the image through the graph's gate, as a protocol node (never probed). */
+async function openImageDataFile(bs: BlockNode, name: string): Promise<BdrvChild> {
+  const req: ImplicitOpenRequest = { kind: 'data-file', name, parent: bs };
+  const spec = bs.graph.gate.resolve(req);
+  const flags = bs.openFlags & ~(OPEN.NO_BACKING | OPEN.COPY_ON_READ | OPEN.PROTOCOL);
+  let node: BlockNode;
+  if (spec.driver !== undefined) node = await bs.graph.open(spec, flags);
+  else node = await bs.graph.openProtocol(String(spec.filename ?? name), flags, {});
+  try {
+    return bs.graph.attachChild(bs, node, 'data-file', ROLE.DATA);
+  } catch (e) {
+    await bs.graph.unref(node).catch(() => undefined);
+    throw e;
+  }
+}
+
+/** Writes the header cluster from the in-memory state (QEMU's qcow2_update_header). */
+export async function updateHeader(bs: BlockNode, s: Qcow2State): Promise<void> {
+  const img: Parameters<typeof serializeHeader>[0] = { header: s.header, extensions: s.ext, writeDataFile: s.hasDataFile };
+  if (s.imageBackingFile !== undefined) img.backingFile = s.imageBackingFile;
+  const buf = serializeHeader(img);
+  await bdrvPwritev(bs.file!, 0, buf.length, buf);
+  s.header.headerLength = s.header.version >= 3 ? HEADER_SIZE + s.header.unknownHeaderFields.length : s.header.headerLength;
+}
+
+async function qcow2Open(bs: BlockNode, options: Record<string, unknown>, flags: number): Promise<void> {
+  const fileSpec = (options.file ?? bs.options.file) as BlockdevOptions | string | undefined;
+  const file = await bs.graph.openChild(bs, fileSpec, 'file', ROLE.DATA | ROLE.METADATA | ROLE.PRIMARY);
+  if (!file) throw new BlockError('EINVAL', 'A block device must be specified for "file"');
+  // Names inside the image resolve against its location, which the gate needs while we are still opening.
+  if (!bs.filename) bs.filename = file.bs.filename;
+  const rw = (flags & OPEN.RDWR) !== 0;
+  const check = (flags & OPEN.CHECK) !== 0;
+
+  // The fixed header first; once the cluster size is known, the whole first cluster (header, extensions, backing name).
+  const small = await readMeta(file, 0, HEADER_SIZE, 'Could not read qcow2 header');
+  const sdv = new DataView(small.buffer, small.byteOffset, small.byteLength);
+  let first = small;
+  const bits = sdv.getUint32(20);
+  if (sdv.getUint32(0) === QCOW_MAGIC && bits >= LIMITS.MIN_CLUSTER_BITS && bits <= LIMITS.MAX_CLUSTER_BITS) {
+    first = await readMeta(file, 0, 2 ** bits, 'Could not read qcow2 header');
+  }
+  const h = parseHeader(first);
+  const clusterSize = 2 ** h.clusterBits;
+  const extEnd = extensionsEnd(h);
+
+  if (h.incompatibleFeatures & ~INCOMPAT.MASK) {
+    let table: Qcow2Extensions['featureTable'] = [];
+    try {
+      table = parseExtensions(first, h, extEnd).featureTable;
+    } catch {
+      // QEMU reports the features with whatever table it could read.
+    }
+    throw new BlockError('ENOTSUP', unsupportedFeatureMessage(table, h.incompatibleFeatures & ~INCOMPAT.MASK));
+  }
+  if (h.incompatibleFeatures & INCOMPAT.CORRUPT && rw && !check) {
+    throw new BlockError('EACCES', 'qcow2: Image is corrupt; cannot be opened read/write');
+  }
+  const extendedL2 = (h.incompatibleFeatures & INCOMPAT.EXTL2) !== 0n;
+  const subclustersPerCluster = extendedL2 ? LIMITS.EXTL2_SUBCLUSTERS : 1;
+  const subclusterSize = clusterSize / subclustersPerCluster;
+  if (subclusterSize < 512) throw new BlockError('EINVAL', `Unsupported subcluster size: ${subclusterSize}`);
+  if (h.refcountOrder > 6) throw new BlockError('EINVAL', 'Reference count entry width too large; may not exceed 64 bits');
+  if (h.cryptMethod !== CRYPT.NONE) {
+    if (h.cryptMethod > CRYPT.LUKS) throw new BlockError('EINVAL', `Unsupported encryption method ${h.cryptMethod}`);
+    throw new BlockError('ENOTSUP', `qcow2: encrypted images (${h.cryptMethod === CRYPT.AES ? 'aes' : 'luks'}) are not supported`);
+  }
+  const l2EntryBytes = extendedL2 ? 16 : 8;
+  const l2Entries = clusterSize / l2EntryBytes;
+
+  if (h.refcountTableClusters === 0 && !check) throw new BlockError('EINVAL', 'Image does not contain a reference count table');
+  validateTable(h.refcountTableOffset, h.refcountTableClusters, clusterSize, LIMITS.MAX_REFTABLE_SIZE, clusterSize, 'Reference count table');
+  if (!check) {
+    validateTable(h.snapshotsOffset, h.nbSnapshots, LIMITS.SNAPSHOT_HEADER_SIZE, LIMITS.SNAPSHOT_HEADER_SIZE * LIMITS.MAX_SNAPSHOTS, clusterSize, 'Snapshot table');
+  }
+  validateTable(h.l1TableOffset, h.l1Size, 8, LIMITS.MAX_L1_SIZE, clusterSize, 'Active L1 table');
+  const l1VmStateIndex = Math.ceil(h.size / (clusterSize * l2Entries));
+  if (!Number.isFinite(h.size) || l1VmStateIndex > 0x7fffffff || Math.floor(h.size / 512) * 512 > BDRV_MAX_LENGTH) {
+    throw new BlockError('EFBIG', 'Image is too big');
+  }
+  if (h.l1Size < l1VmStateIndex) throw new BlockError('EINVAL', 'L1 table is too small');
+  const l1 = h.l1Size > 0 ? await readMeta(file, h.l1TableOffset, h.l1Size * 8, 'Could not read L1 table') : new Uint8Array(0);
+
+  const virtualSize = Math.floor(h.size / 512) * 512;
+  const sizes = computeCacheSizes(options, clusterSize, virtualSize, l2EntryBytes);
+  const lazyRefcounts = checkRuntimeOptions(options, h.version, h.compatibleFeatures);
+  const l2Cache = new MetadataCache('l2', sizes.l2Entries, sizes.l2EntrySize);
+  const refcountCache = new MetadataCache('refcount', sizes.refcountEntries, clusterSize);
+
+  let reftable: Uint8Array;
+  try {
+    reftable = h.refcountTableClusters > 0 ? await bdrvPread(file, h.refcountTableOffset, h.refcountTableClusters * clusterSize) : new Uint8Array(0);
+  } catch (e) {
+    const be = toBlockError(e);
+    throw new BlockError(be.code, `Could not initialize refcount handling: ${be.message}`, { cause: e });
+  }
+  const refcount = new RefcountState(h.clusterBits, h.refcountOrder, reftable, h.refcountTableOffset, refcountCache, file);
+
+  const ext = parseExtensions(first, h, extEnd, (m) => bs.graph.onWarning(m));
+
+  // External data file: an explicit 'data-file' option wins over the name in the image.
+  const dataSpec = (options['data-file'] ?? bs.options['data-file']) as BlockdevOptions | string | undefined;
+  let dataFile: BdrvChild = file;
+  let hasDataFile = false;
+  if (h.incompatibleFeatures & INCOMPAT.DATA_FILE) {
+    let child: BdrvChild | null = null;
+    if (dataSpec !== undefined) child = await bs.graph.openChild(bs, dataSpec, 'data-file', ROLE.DATA);
+    else if (ext.dataFile !== undefined) child = await openImageDataFile(bs, ext.dataFile);
+    if (!child) throw new BlockError('EINVAL', "'data-file' is required for this image");
+    dataFile = child;
+    hasDataFile = true;
+  } else {
+    if (dataSpec !== undefined) throw new BlockError('EINVAL', "'data-file' can only be set for images with an external data file");
+    if (h.autoclearFeatures & AUTOCLEAR.DATA_FILE_RAW) throw new BlockError('EINVAL', 'data-file-raw requires a data file');
+  }
+
+  let imageBackingFile: string | undefined;
+  if (h.backingFileOffset !== 0) {
+    const len = h.backingFileSize;
+    if (len > Math.min(LIMITS.MAX_BACKING_NAME, clusterSize - h.backingFileOffset)) {
+      throw new BlockError('EINVAL', 'Backing file name too long');
+    }
+    imageBackingFile = new TextDecoder().decode(first.subarray(h.backingFileOffset, h.backingFileOffset + len));
+  }
+
+  let snapshots: Qcow2Snapshot[] = [];
+  let snapshotsSize = 0;
+  if (!check && h.nbSnapshots > 0) {
+    ({ snapshots, size: snapshotsSize } = await readSnapshots(file, h.snapshotsOffset, h.nbSnapshots, virtualSize));
+  }
+
+  const needHeaderUpdate = ext.staleBitmaps || (h.autoclearFeatures & ~AUTOCLEAR.MASK) !== 0n;
+  if (rw && ext.bitmaps && !(flags & OPEN.INACTIVE)) {
+    throw new BlockError('ENOTSUP', 'qcow2: images with persistent dirty bitmaps can only be opened read-only (bitmap support is not implemented yet)');
+  }
+  if (rw && !check && h.incompatibleFeatures & INCOMPAT.DIRTY) {
+    throw new BlockError('ENOTSUP', 'Could not repair dirty image: refcount repair (qemu-img check -r) is not implemented yet; open the image read-only');
+  }
+
+  const geometry: L2Geometry = { clusterBits: h.clusterBits, subclusterBits: Math.log2(subclusterSize), extended: extendedL2, hasDataFile };
+  const l2SliceEntries = sizes.l2EntrySize / l2EntryBytes;
+  const s: Qcow2State = {
+    header: h,
+    ext,
+    clusterBits: h.clusterBits,
+    clusterSize,
+    subclusterBits: geometry.subclusterBits,
+    subclusterSize,
+    subclustersPerCluster,
+    l2Entries,
+    l2EntryBytes,
+    l1VmStateIndex,
+    l1,
+    l2Cache,
+    refcountCache,
+    refcount,
+    dataFile,
+    hasDataFile,
+    snapshots,
+    snapshotsSize,
+    lazyRefcounts,
+    mapping: {
+      geometry,
+      version: h.version,
+      l1,
+      l1Size: h.l1Size,
+      l2SliceEntries,
+      l2Entries,
+      loadL2Slice: (offset, describe) =>
+        l2Cache.get(offset, async (buf) => {
+          // A table past the end of the file would read as zeroes and silently hide data: refuse it.
+          if (offset >= (await bdrvGetLength(file.bs))) throw corruption(bs, describe());
+          await bdrvPreadv(file, offset, buf.length, buf);
+        }),
+      corruption: (m) => corruption(bs, m),
+    },
+  };
+  if (imageBackingFile !== undefined) s.imageBackingFile = imageBackingFile;
+  bs.opaque = s;
+
+  if (needHeaderUpdate && rw) {
+    // Unknown autoclear bits must go: a program that does not know them may have invalidated what they describe.
+    h.autoclearFeatures &= AUTOCLEAR.MASK;
+    if (ext.staleBitmaps) delete ext.bitmaps;
+    try {
+      await updateHeader(bs, s);
+    } catch (e) {
+      const be = toBlockError(e);
+      throw new BlockError(be.code, `Could not update qcow2 header: ${be.message}`, { cause: e });
+    }
+  }
+
+  bs.backingFile = imageBackingFile ?? '';
+  bs.backingFormat = ext.backingFormat ?? '';
+  bs.totalBytes = virtualSize;
+  bs.supportedZeroFlags = 0;
+  bs.supportedTruncateFlags = 0;
+  if (sizes.cleanInterval > 0) {
+    s.cleanTimer = setInterval(() => {
+      l2Cache.cleanUnused();
+      refcountCache.cleanUnused();
+    }, sizes.cleanInterval * 1000);
+    // A cache timer must never keep a Node process alive.
+    (s.cleanTimer as { unref?: () => void }).unref?.();
+  }
+}
+
+/** Reads one compressed cluster's data and copies the wanted part (QEMU's qcow2_co_preadv_compressed). */
+async function readCompressed(bs: BlockNode, s: Qcow2State, hi: number, lo: number, offset: number, bytes: number, out: Uint8Array): Promise<void> {
+  let data: Uint8Array;
+  const last = s.lastCompressed;
+  if (last && last.hi === hi && last.lo === lo) {
+    data = last.data;
+  } else {
+    const { offset: coffset, size } = parseCompressedEntry(hi, lo, s.clusterBits);
+    const src = await bdrvPread(bs.file!, coffset, size);
+    data = new Uint8Array(s.clusterSize);
+    try {
+      decompressCluster(s.header.compressionType, src, data);
+    } catch (e) {
+      throw new BlockError('EIO', toBlockError(e).message, { node: bs.nodeName, cause: e });
+    }
+    s.lastCompressed = { hi, lo, data };
+  }
+  const inCluster = offset % s.clusterSize;
+  out.set(data.subarray(inCluster, inCluster + bytes));
+}
+
+/** Most sub-requests of one guest request kept in flight at once (QEMU's QCOW2_MAX_WORKERS). */
+const MAX_WORKERS = 8;
+
+async function qcow2Preadv(bs: BlockNode, offset: number, bytes: number, buf: Uint8Array, _flags: number, signal?: AbortSignal): Promise<void> {
+  const s = state(bs);
+  const inflight = new Set<Promise<void>>();
+  let failure: unknown;
+  let done = 0;
+  const launch = async (p: Promise<void>): Promise<void> => {
+    const tracked = p.then(
+      () => { inflight.delete(tracked); },
+      (e: unknown) => { inflight.delete(tracked); failure ??= e; },
+    );
+    inflight.add(tracked);
+    if (inflight.size >= MAX_WORKERS) await Promise.race(inflight);
+  };
+  while (done < bytes && failure === undefined) {
+    if (signal?.aborted) throw new BlockError('ECANCELED');
+    const cur = offset + done;
+    const m = await getHostOffset(s.mapping, cur, bytes - done);
+    const n = m.bytes;
+    const out = buf.subarray(done, done + n);
+    switch (m.type) {
+      case SC.ZERO_PLAIN:
+      case SC.ZERO_ALLOC:
+        out.fill(0);
+        break;
+      case SC.UNALLOCATED_PLAIN:
+      case SC.UNALLOCATED_ALLOC:
+        if (bs.backing) await launch(bdrvPreadv(bs.backing, cur, n, out, 0, signal));
+        else out.fill(0);
+        break;
+      case SC.COMPRESSED:
+        await launch(readCompressed(bs, s, m.entryHi, m.entryLo, cur, n, out));
+        break;
+      case SC.NORMAL:
+        await launch(bdrvPreadv(s.dataFile, m.hostOffset, n, out, 0, signal));
+        break;
+      default:
+        throw corruption(bs, `unexpected subcluster type ${m.type}`);
+    }
+    done += n;
+  }
+  await Promise.all(inflight);
+  if (failure !== undefined) throw failure;
+}
+
+/**
+ * QEMU's qcow2_detect_metadata_preallocation: an image is taken as
+ * metadata-preallocated when more clusters are referenced than the file has
+ * allocated on disk, so data clusters may be holes that read as zeroes.
+ */
+async function detectMetadataPreallocation(bs: BlockNode, s: Qcow2State): Promise<boolean> {
+  const fileBs = bs.file!.bs;
+  if (!fileBs.drv.getAllocatedFileSize) return false;
+  const fileLength = await bdrvGetLength(fileBs);
+  const realAllocation = await fileBs.drv.getAllocatedFileSize(fileBs);
+  if (realAllocation < 0) return false;
+  const realClusters = Math.floor(realAllocation / s.clusterSize);
+  const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
+  const endCluster = Math.ceil(fileLength / s.clusterSize);
+  let count = 0;
+  for (let i = 0; i < endCluster && count < threshold; i++) {
+    if ((await s.refcount.get(i)) !== 0) count++;
+  }
+  return count >= threshold;
+}
+
+async function qcow2BlockStatus(bs: BlockNode, _wantZero: boolean, offset: number, bytes: number): Promise<BlockStatus> {
+  const s = state(bs);
+  if (s.metadataPreallocation === undefined) {
+    try {
+      s.metadataPreallocation = await detectMetadataPreallocation(bs, s);
+    } catch {
+      s.metadataPreallocation = false;
+    }
+  }
+  const m = await getHostOffset(s.mapping, offset, Math.min(bytes, 0x7fffffff));
+  const st: BlockStatus = { status: 0, pnum: m.bytes };
+  if (m.type === SC.NORMAL || m.type === SC.ZERO_ALLOC || m.type === SC.UNALLOCATED_ALLOC) {
+    st.map = m.hostOffset;
+    st.file = s.dataFile.bs;
+    st.status |= BLOCK.OFFSET_VALID;
+  }
+  if (m.type === SC.ZERO_PLAIN || m.type === SC.ZERO_ALLOC) st.status |= BLOCK.ZERO;
+  else if (m.type !== SC.UNALLOCATED_PLAIN && m.type !== SC.UNALLOCATED_ALLOC) st.status |= BLOCK.DATA;
+  if (m.type === SC.COMPRESSED) st.status |= BLOCK.COMPRESSED;
+  if (s.metadataPreallocation && st.status & BLOCK.DATA && st.status & BLOCK.OFFSET_VALID) st.status |= BLOCK.RECURSE;
+  return st;
+}
+
+function notImplemented(bs: BlockNode): never {
+  throw new BlockError('ENOTSUP', WRITE_NOT_IMPLEMENTED, { node: bs.nodeName });
+}
+
+/** QEMU's qcow2_get_specific_info, with the keys qemu-img info --output=json prints. */
+function specificInfo(bs: BlockNode): ImageInfoSpecific {
+  const s = state(bs);
+  const h = s.header;
+  const data: Record<string, unknown> = { compat: h.version === 2 ? '0.10' : '1.1', 'compression-type': COMPRESSION_TYPE_NAMES[h.compressionType] };
+  if (h.version >= 3) {
+    data['lazy-refcounts'] = (h.compatibleFeatures & COMPAT.LAZY_REFCOUNTS) !== 0n;
+  }
+  data['refcount-bits'] = 2 ** h.refcountOrder;
+  if (h.version >= 3) {
+    if (s.ext.dataFile !== undefined) data['data-file'] = s.ext.dataFile;
+    if (s.hasDataFile) data['data-file-raw'] = (h.autoclearFeatures & AUTOCLEAR.DATA_FILE_RAW) !== 0n;
+    data.corrupt = (h.incompatibleFeatures & INCOMPAT.CORRUPT) !== 0n;
+    data['extended-l2'] = (h.incompatibleFeatures & INCOMPAT.EXTL2) !== 0n;
+  }
+  return { type: 'qcow2', data };
+}
+
+/** The qcow2 driver. */
+export const qcow2Driver: BlockDriver = {
+  name: 'qcow2',
+  kind: 'format',
+  supportsBacking: true,
+  runtimeOptions: RUNTIME_OPTIONS,
+  createOptions: CREATE_OPTIONS,
+
+  probe(buf) {
+    if (buf.length < HEADER_SIZE) return 0;
+    const dv = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+    return dv.getUint32(0) === QCOW_MAGIC && dv.getUint32(4) >= 2 ? 100 : 0;
+  },
+
+  open: qcow2Open,
+
+  async close(bs) {
+    const s = bs.opaque as Qcow2State | undefined;
+    if (!s) return;
+    if (s.cleanTimer !== undefined) clearInterval(s.cleanTimer);
+    bs.opaque = undefined;
+  },
+
+  refreshLimits(bs) {
+    const s = bs.opaque as Qcow2State | undefined;
+    if (!s) return;
+    bs.bl.pwriteZeroesAlignment = s.subclusterSize;
+    bs.bl.pdiscardAlignment = s.clusterSize;
+  },
+
+  preadv: qcow2Preadv,
+
+  async pwritev(bs) { notImplemented(bs); },
+  async pwritevCompressed(bs) { notImplemented(bs); },
+  async pwriteZeroes(bs) { notImplemented(bs); },
+  async pdiscard(bs) { notImplemented(bs); },
+  async truncate(bs) { notImplemented(bs); },
+
+  blockStatus: qcow2BlockStatus,
+
+  async getLength(bs) {
+    const s = state(bs);
+    return Math.floor(s.header.size / 512) * 512;
+  },
+
+  async getInfo(bs): Promise<BlockDriverInfo> {
+    const s = state(bs);
+    return {
+      clusterSize: s.clusterSize,
+      subclusterSize: s.subclusterSize,
+      vmStateOffset: s.l1VmStateIndex * s.clusterSize * s.l2Entries,
+      isDirty: (s.header.incompatibleFeatures & INCOMPAT.DIRTY) !== 0n,
+    };
+  },
+
+  async getSpecificInfo(bs) {
+    return specificInfo(bs);
+  },
+
+  async snapshotList(bs): Promise<SnapshotInfo[]> {
+    return state(bs).snapshots.map((sn) => {
+      const info: SnapshotInfo = { id: sn.id, name: sn.name, vmStateSize: sn.vmStateSize, dateSec: sn.dateSec, dateNsec: sn.dateNsec, vmClockNsec: sn.vmClockNsec };
+      if (sn.icount !== undefined) info.icount = sn.icount;
+      return info;
+    });
+  },
+
+  hasZeroInit(bs) {
+    const s = bs.opaque as Qcow2State | undefined;
+    if (!s) return false;
+    // Preallocated images have every L2 table; others have none, so the first L1 entry tells.
+    const preallocated = s.mapping.l1Size > 0 && s.l1.subarray(0, 8).some((b) => b !== 0);
+    if (!preallocated) return true;
+    return s.dataFile.bs.drv.hasZeroInit?.(s.dataFile.bs) ?? false;
+  },
+
+  async measure(opts: CreateOptions, src: BlockNode | null): Promise<MeasureInfo> {
+    return measureQcow2(opts, src, bdrvBlockStatusAbove);
+  },
+
+  create: qcow2Create,
+
+  async invalidateCache(bs) {
+    const s = state(bs);
+    s.l2Cache.invalidate();
+    s.refcountCache.invalidate();
+    delete s.lastCompressed;
+  },
+};
+
+export { qcow2Driver as default };
