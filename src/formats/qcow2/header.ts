@@ -146,6 +146,8 @@ export interface Qcow2Header {
   compressionType: number;
   /** Bytes between sizeof(QCowHeader) and header_length, kept for rewrites. */
   unknownHeaderFields: Uint8Array;
+  /** Table offsets exactly as stored, for QEMU's range checks on values past 2^53. */
+  raw?: { l1TableOffset: bigint; refcountTableOffset: bigint; snapshotsOffset: bigint };
 }
 
 /** Everything found in the extension area. */
@@ -222,6 +224,11 @@ export function parseHeader(buf: Uint8Array): Qcow2Header {
     headerLength: V2_HEADER_LENGTH,
     compressionType: COMPRESSION_TYPE.ZLIB,
     unknownHeaderFields: new Uint8Array(0),
+    raw: {
+      l1TableOffset: dv.getBigUint64(HDR.l1TableOffset),
+      refcountTableOffset: dv.getBigUint64(HDR.refcountTableOffset),
+      snapshotsOffset: dv.getBigUint64(HDR.snapshotsOffset),
+    },
   };
   if (version >= 3) {
     h.incompatibleFeatures = dv.getBigUint64(HDR.incompatibleFeatures);
@@ -393,9 +400,10 @@ export function unsupportedFeatureMessage(table: readonly FeatureName[], mask: b
  * `maxBytes` (EFBIG "<name> too large") and start at a cluster-aligned offset
  * whose end fits in INT64_MAX (EINVAL "<name> offset invalid").
  */
-export function validateTable(offset: number, entries: number, entryLen: number, maxBytes: number, clusterSize: number, name: string): void {
+export function validateTable(offset: bigint, entries: number, entryLen: number, maxBytes: number, clusterSize: number, name: string): void {
   if (entries > Math.floor(maxBytes / entryLen)) throw new BlockError('EFBIG', `${name} too large`);
-  if (!Number.isFinite(offset) || offset + entries * entryLen > Number.MAX_SAFE_INTEGER || offset % clusterSize !== 0) {
+  const INT64_MAX = (1n << 63n) - 1n;
+  if (INT64_MAX - BigInt(entries * entryLen) < offset || offset % BigInt(clusterSize) !== 0n) {
     throw einval(`${name} offset invalid`);
   }
 }

@@ -208,16 +208,20 @@ async function qcow2Open(bs: BlockNode, options: Record<string, unknown>, flags:
   const l2Entries = clusterSize / l2EntryBytes;
 
   if (h.refcountTableClusters === 0 && !check) throw new BlockError('EINVAL', 'Image does not contain a reference count table');
-  validateTable(h.refcountTableOffset, h.refcountTableClusters, clusterSize, LIMITS.MAX_REFTABLE_SIZE, clusterSize, 'Reference count table');
+  const raw = h.raw!;
+  validateTable(raw.refcountTableOffset, h.refcountTableClusters, clusterSize, LIMITS.MAX_REFTABLE_SIZE, clusterSize, 'Reference count table');
   if (!check) {
-    validateTable(h.snapshotsOffset, h.nbSnapshots, LIMITS.SNAPSHOT_HEADER_SIZE, LIMITS.SNAPSHOT_HEADER_SIZE * LIMITS.MAX_SNAPSHOTS, clusterSize, 'Snapshot table');
+    validateTable(raw.snapshotsOffset, h.nbSnapshots, LIMITS.SNAPSHOT_HEADER_SIZE, LIMITS.SNAPSHOT_HEADER_SIZE * LIMITS.MAX_SNAPSHOTS, clusterSize, 'Snapshot table');
   }
-  validateTable(h.l1TableOffset, h.l1Size, 8, LIMITS.MAX_L1_SIZE, clusterSize, 'Active L1 table');
+  validateTable(raw.l1TableOffset, h.l1Size, 8, LIMITS.MAX_L1_SIZE, clusterSize, 'Active L1 table');
   const l1VmStateIndex = Math.ceil(h.size / (clusterSize * l2Entries));
   if (!Number.isFinite(h.size) || l1VmStateIndex > 0x7fffffff || Math.floor(h.size / 512) * 512 > BDRV_MAX_LENGTH) {
     throw new BlockError('EFBIG', 'Image is too big');
   }
   if (h.l1Size < l1VmStateIndex) throw new BlockError('EINVAL', 'L1 table is too small');
+  // Offsets QEMU accepts but no request can reach (past 2^53 here, past its maximum length there) fail as I/O errors.
+  const unreachable = (what: string): BlockError => new BlockError('EIO', `${what}: Input/output error`);
+  if (h.l1Size > 0 && !Number.isFinite(h.l1TableOffset)) throw unreachable('Could not read L1 table');
   const l1 = h.l1Size > 0 ? await readMeta(file, h.l1TableOffset, h.l1Size * 8, 'Could not read L1 table') : new Uint8Array(0);
 
   const virtualSize = Math.floor(h.size / 512) * 512;
@@ -226,6 +230,7 @@ async function qcow2Open(bs: BlockNode, options: Record<string, unknown>, flags:
   const l2Cache = new MetadataCache('l2', sizes.l2Entries, sizes.l2EntrySize);
   const refcountCache = new MetadataCache('refcount', sizes.refcountEntries, clusterSize);
 
+  if (h.refcountTableClusters > 0 && !Number.isFinite(h.refcountTableOffset)) throw unreachable('Could not initialize refcount handling');
   let reftable: Uint8Array;
   try {
     reftable = h.refcountTableClusters > 0 ? await bdrvPread(file, h.refcountTableOffset, h.refcountTableClusters * clusterSize) : new Uint8Array(0);
@@ -265,6 +270,7 @@ async function qcow2Open(bs: BlockNode, options: Record<string, unknown>, flags:
   let snapshots: Qcow2Snapshot[] = [];
   let snapshotsSize = 0;
   if (!check && h.nbSnapshots > 0) {
+    if (!Number.isFinite(h.snapshotsOffset)) throw unreachable('Failed to read snapshot table');
     ({ snapshots, size: snapshotsSize } = await readSnapshots(file, h.snapshotsOffset, h.nbSnapshots, virtualSize));
   }
 
