@@ -1,0 +1,27 @@
+/**
+ * Every driver usable in the browser, for building a Graph in the engine's
+ * worker: `new Graph({ drivers: browserDrivers(), defaultProtocol: 'opfs' })`.
+ * Engineers adding a driver that runs in browsers list it here.
+ */
+import type { BlockDriver } from './core/driver.ts';
+import { rawDriver } from './formats/raw.ts';
+import { blobDriver } from './protocols/blob.ts';
+import { httpDriver } from './protocols/http.ts';
+import { memoryDriver } from './protocols/memory.ts';
+import { nullAioDriver, nullCoDriver } from './protocols/null.ts';
+import { opfsDriver } from './protocols/opfs.ts';
+
+/** The drivers a browser graph registers, protocols first; raw is always present as the probing fallback. */
+export function browserDrivers(): BlockDriver[] {
+  return [
+    // protocols
+    opfsDriver,
+    httpDriver,
+    blobDriver,
+    memoryDriver,
+    nullCoDriver,
+    nullAioDriver,
+    // formats
+    rawDriver,
+  ];
+}

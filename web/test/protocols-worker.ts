@@ -1,0 +1,298 @@
+/**
+ * Dedicated module worker behind web/test/protocols.html: it owns a Graph
+ * with the browser drivers and exposes, through comlink, what the e2e specs
+ * drive — backends opened by id, OPFS file helpers, and the conformance
+ * cases run against OPFS, HTTP and Blob targets. Errors cross as BlockErrors
+ * with their codes (see comlink-errors.ts).
+ */
+import * as Comlink from 'comlink';
+import { BlockBackend } from '../../src/core/block-backend.ts';
+import type { CreateContext } from '../../src/core/driver.ts';
+import { conformanceCases, type ConformanceTarget } from '../../src/core/conformance.ts';
+import { BlockError } from '../../src/core/errors.ts';
+import { Graph } from '../../src/core/graph.ts';
+import { PERM, type BlockdevOptions } from '../../src/core/types.ts';
+import { browserDrivers } from '../../src/drivers-browser.ts';
+import { httpStats, type HttpStats } from '../../src/protocols/http.ts';
+import { opfsDriver, opfsList, opfsRemove, opfsRename, opfsSyncAvailable, type OpfsEntry } from '../../src/protocols/opfs.ts';
+import { readOnlyCases, type ReadOnlyTarget } from '../../src/protocols/readonly-conformance.ts';
+import { registerBlockErrorTransfer } from './comlink-errors.ts';
+import { MiB, PATTERN_IMAGE, SHARED_TARGETS, testPattern, ZERO_IMAGE } from './targets.ts';
+
+registerBlockErrorTransfer();
+
+/** Outcome of one conformance case. */
+export interface CaseResult {
+  ok: boolean;
+  ms: number;
+  error?: string;
+}
+
+const graph = new Graph({ drivers: browserDrivers(), defaultProtocol: 'opfs' });
+const backends = new Map<string, BlockBackend>();
+/** Raw sync handles held without qblock's lock, to play a foreign user of a file. */
+const rawHandles = new Map<string, { close(): void }>();
+let httpBase = '';
+/** Protocol create() gets no use of the context; formats would. */
+const noContext: CreateContext = {
+  createAndOpenFile: () => Promise.reject(new BlockError('ENOTSUP', 'not available in the test worker')),
+  openImage: () => Promise.reject(new BlockError('ENOTSUP', 'not available in the test worker')),
+  close: () => Promise.resolve(),
+};
+let fileSeq = 0;
+
+function backend(id: string): BlockBackend {
+  const b = backends.get(id);
+  if (!b) throw new BlockError('EINVAL', `No backend '${id}' is open in this worker`);
+  return b;
+}
+
+/** A target that creates a fresh 1 MiB OPFS file per image and removes it on close. */
+function opfsTarget(id: string, groups: ConformanceTarget['groups'], wrap: (filename: string) => BlockdevOptions): ConformanceTarget {
+  return {
+    name: id,
+    groups,
+    async open() {
+      const filename = `conformance/${id.replace(/\W+/g, '-')}-${Date.now()}-${fileSeq++}.img`;
+      await opfsDriver.create!(filename, { size: MiB }, noContext);
+      const g = new Graph({ drivers: browserDrivers(), defaultProtocol: 'opfs' });
+      const blk = await BlockBackend.open(g, wrap(filename));
+      return {
+        blk,
+        async close() {
+          await blk.close();
+          await g.closeAll();
+          if (g.nodes.size !== 0) throw new Error(`${id}: nodes left open after close`);
+          await opfsRemove(filename);
+        },
+      };
+    },
+  };
+}
+
+/** A target over a read-only stack opened from `options`, for the shared cases that only read. */
+function readOnlySharedTarget(id: string, groups: ConformanceTarget['groups'], options: () => BlockdevOptions): ConformanceTarget {
+  return {
+    name: id,
+    groups,
+    async open() {
+      const g = new Graph({ drivers: browserDrivers() });
+      const blk = await BlockBackend.open(g, options(), { readOnly: true });
+      return {
+        blk,
+        async close() {
+          await blk.close();
+          await g.closeAll();
+        },
+      };
+    },
+  };
+}
+
+function sharedTarget(id: string): ConformanceTarget {
+  const info = SHARED_TARGETS.find((t) => t.id === id);
+  if (!info) throw new Error(`unknown target '${id}'`);
+  switch (id) {
+    case 'opfs':
+      return opfsTarget(id, info.groups, (filename) => ({ driver: 'opfs', filename, discard: 'unmap' }));
+    case 'raw over opfs':
+      return opfsTarget(id, info.groups, (filename) => ({ driver: 'raw', discard: 'unmap', file: { driver: 'opfs', filename } }));
+    case 'http zero image':
+      return readOnlySharedTarget(id, info.groups, () => ({ driver: 'http', url: httpBase + ZERO_IMAGE.path }));
+    case 'blob zero image':
+      return readOnlySharedTarget(id, info.groups, () => ({ driver: 'blob', blob: new Blob([new Uint8Array(ZERO_IMAGE.size)]) }));
+    default:
+      throw new Error(`target '${id}' has no factory`);
+  }
+}
+
+function readOnlyTarget(id: string): ReadOnlyTarget {
+  const expected = testPattern(PATTERN_IMAGE.size, PATTERN_IMAGE.seed);
+  const options: BlockdevOptions =
+    id === 'http'
+      ? { driver: 'http', url: httpBase + PATTERN_IMAGE.path, readahead: 65536 }
+      : id === 'blob'
+        ? { driver: 'blob', blob: new Blob([expected]) }
+        : (() => {
+            throw new Error(`unknown read-only target '${id}'`);
+          })();
+  return {
+    name: id,
+    async open() {
+      const g = new Graph({ drivers: browserDrivers() });
+      const blk = await BlockBackend.open(g, options, { readOnly: true });
+      return {
+        blk,
+        expected,
+        async close() {
+          await blk.close();
+          await g.closeAll();
+        },
+      };
+    },
+  };
+}
+
+function describeError(e: unknown): string {
+  if (e instanceof Error) {
+    const code = (e as { code?: unknown }).code;
+    return `${code ? `[${String(code)}] ` : ''}${e.message}`;
+  }
+  return String(e);
+}
+
+async function timed(fn: () => Promise<void>): Promise<CaseResult> {
+  const t0 = performance.now();
+  try {
+    await fn();
+    return { ok: true, ms: performance.now() - t0 };
+  } catch (e) {
+    return { ok: false, ms: performance.now() - t0, error: describeError(e) };
+  }
+}
+
+const api = {
+  /** What this context offers. */
+  env(): { syncHandles: boolean; locks: boolean; crossOriginIsolated: boolean } {
+    return { syncHandles: opfsSyncAvailable(), locks: typeof navigator.locks !== 'undefined', crossOriginIsolated: self.crossOriginIsolated };
+  },
+
+  /** Sets the base URL of the range server the http targets read from. */
+  configure(opts: { httpBase: string }): void {
+    httpBase = opts.httpBase.replace(/\/$/, '');
+  },
+
+  /** Runs one case of the shared suite against a target from SHARED_TARGETS. */
+  runSharedCase(targetId: string, caseName: string): Promise<CaseResult> {
+    const c = conformanceCases().find((k) => k.name === caseName);
+    if (!c) return Promise.resolve({ ok: false, ms: 0, error: `no shared case named '${caseName}'` });
+    return timed(() => c.run(sharedTarget(targetId)));
+  },
+
+  /** Runs one read-only case against 'http' or 'blob'. */
+  runReadOnlyCase(targetId: string, caseName: string): Promise<CaseResult> {
+    const c = readOnlyCases().find((k) => k.name === caseName);
+    if (!c) return Promise.resolve({ ok: false, ms: 0, error: `no read-only case named '${caseName}'` });
+    return timed(() => c.run(readOnlyTarget(targetId)));
+  },
+
+  /** Opens a backend as `id` from a filename or blockdev options; returns its length. */
+  async open(id: string, target: string | BlockdevOptions, opts: { readOnly?: boolean; format?: string } = {}): Promise<number> {
+    if (backends.has(id)) throw new BlockError('EINVAL', `Backend '${id}' is already open`);
+    const o: { readOnly?: boolean; format?: string } = {};
+    if (opts.readOnly !== undefined) o.readOnly = opts.readOnly;
+    if (opts.format !== undefined) o.format = opts.format;
+    const blk = await BlockBackend.open(graph, target, o);
+    backends.set(id, blk);
+    return blk.getLength();
+  },
+
+  /** Opens a read-only backend over a Blob or File handed over from the page. */
+  async openBlob(id: string, blob: Blob): Promise<number> {
+    return api.open(id, { driver: 'blob', blob }, { readOnly: true });
+  },
+
+  /** Closes backend `id` and the nodes only it used. */
+  async close(id: string): Promise<void> {
+    const blk = backend(id);
+    backends.delete(id);
+    await blk.close();
+    await graph.closeAll();
+  },
+
+  async write(id: string, offset: number, data: Uint8Array): Promise<void> {
+    await backend(id).pwrite(offset, data);
+  },
+
+  async read(id: string, offset: number, length: number): Promise<Uint8Array> {
+    return backend(id).read(offset, length);
+  },
+
+  /** Writes testPattern(length, seed) at offset (so big writes need not cross the page). */
+  async writePattern(id: string, offset: number, length: number, seed: number): Promise<void> {
+    await backend(id).pwrite(offset, testPattern(length, seed));
+  },
+
+  /** Whether [offset, offset+length) holds testPattern(length, seed). */
+  async checkPattern(id: string, offset: number, length: number, seed: number): Promise<boolean> {
+    const got = await backend(id).read(offset, length);
+    const want = testPattern(length, seed);
+    return got.every((b, i) => b === want[i]);
+  },
+
+  async flush(id: string): Promise<void> {
+    await backend(id).flush();
+  },
+
+  async truncate(id: string, size: number): Promise<void> {
+    await backend(id).truncate(size);
+  },
+
+  async length(id: string): Promise<number> {
+    return backend(id).getLength();
+  },
+
+  /**
+   * Reopens the backend's node read-only or read-write (QEMU's bdrv_reopen),
+   * dropping the backend's write permission first or taking it back after,
+   * as a device switching to read-only would.
+   */
+  async reopen(id: string, readOnly: boolean): Promise<boolean> {
+    const blk = backend(id);
+    const bs = blk.bs;
+    if (!bs) throw new BlockError('ENOMEDIUM');
+    const { sharedPerm } = blk.getPerm();
+    if (readOnly) {
+      blk.setPerm(PERM.CONSISTENT_READ, sharedPerm);
+      await graph.reopen(bs, { readOnly });
+    } else {
+      await graph.reopen(bs, { readOnly });
+      blk.setPerm(PERM.CONSISTENT_READ | PERM.WRITE | PERM.RESIZE, sharedPerm);
+    }
+    return bs.readOnly;
+  },
+
+  /** Counters of the http node under backend `id` (found through file children). */
+  stats(id: string): HttpStats | undefined {
+    for (let bs = backend(id).bs; bs; bs = bs.file?.bs ?? null) {
+      const st = httpStats(bs);
+      if (st) return st;
+    }
+    return undefined;
+  },
+
+  /** Creates (or empties) an OPFS image of `size` bytes with the driver's create(). */
+  async create(path: string, size: number): Promise<void> {
+    await opfsDriver.create!(path, { size }, noContext);
+  },
+
+  list(dir = '', recursive = false): Promise<OpfsEntry[]> {
+    return opfsList(dir, { recursive });
+  },
+
+  remove(path: string, recursive = false): Promise<void> {
+    return opfsRemove(path, { recursive });
+  },
+
+  rename(from: string, to: string): Promise<void> {
+    return opfsRename(from, to);
+  },
+
+  /** Holds a sync access handle on `path` without qblock's Web Lock, like a foreign library would. */
+  async holdRaw(path: string): Promise<void> {
+    const root = await navigator.storage.getDirectory();
+    const fh = await root.getFileHandle(path, { create: true });
+    const h = await (fh as FileSystemFileHandle & { createSyncAccessHandle(): Promise<{ close(): void }> }).createSyncAccessHandle();
+    rawHandles.set(path, h);
+  },
+
+  releaseRaw(path: string): void {
+    rawHandles.get(path)?.close();
+    rawHandles.delete(path);
+  },
+};
+
+/** The worker's API as the page sees it through comlink. */
+export type TestApi = typeof api;
+
+Comlink.expose(api);
