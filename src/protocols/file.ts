@@ -80,10 +80,24 @@ function fsCode(e: unknown): ErrnoCode | undefined {
   return typeof code === 'string' && code in ERRNO ? (code as ErrnoCode) : undefined;
 }
 
-/** strerror() text for a Node fs error, falling back to its own message for codes outside our table. */
+/** glibc's strerror() for fs errors outside the engine's errno table (reported with code EIO). */
+const EXTRA_STRERROR: Record<string, string> = {
+  ELOOP: 'Too many levels of symbolic links',
+  ENAMETOOLONG: 'File name too long',
+  EMFILE: 'Too many open files',
+  ENFILE: 'Too many open files in system',
+  ENXIO: 'No such device or address',
+  ETXTBSY: 'Text file busy',
+  EOVERFLOW: 'Value too large for defined data type',
+  EDQUOT: 'Disk quota exceeded',
+};
+
+/** strerror() text for a Node fs error, falling back to its own message for codes we do not know. */
 function fsReason(e: unknown): string {
   const code = fsCode(e);
   if (code) return STRERROR[code];
+  const raw = (e as { code?: unknown } | null)?.code;
+  if (typeof raw === 'string' && raw in EXTRA_STRERROR) return EXTRA_STRERROR[raw]!;
   const msg = (e as { message?: unknown } | null)?.message;
   return typeof msg === 'string' ? msg : String(e);
 }
@@ -102,17 +116,19 @@ function ioError(e: unknown, node: string): BlockError {
   return new BlockError(code, STRERROR[code], { cause: e, node });
 }
 
-/** Opens `path` read-only or read-write, with file-posix's "Could not open" message and EROFS reported as EACCES. */
+/** The error file-posix reports when open(2) of `path` fails with `e`: "Could not open 'PATH': strerror", EROFS as EACCES. */
+export function openError(path: string, e: unknown): BlockError {
+  const err = fsError(e, `Could not open '${path}'`);
+  return err.code === 'EROFS' ? new BlockError('EACCES', err.message, { cause: e }) : err;
+}
+
+/** Opens `path` read-only or read-write. */
 async function openHandle(path: string, writable: boolean): Promise<HandleRef> {
-  let fh: FileHandle;
   try {
-    fh = await fsp.open(path, writable ? fsConstants.O_RDWR : fsConstants.O_RDONLY);
+    return new HandleRef(await fsp.open(path, writable ? fsConstants.O_RDWR : fsConstants.O_RDONLY), writable);
   } catch (e) {
-    const err = fsError(e, `Could not open '${path}'`);
-    if (err.code === 'EROFS') throw new BlockError('EACCES', err.message, { cause: e });
-    throw err;
+    throw openError(path, e);
   }
-  return new HandleRef(fh, writable);
 }
 
 /** Strips the optional `file:` prefix (QEMU's bdrv_parse_filename_strip_prefix). */
