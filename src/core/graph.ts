@@ -451,6 +451,8 @@ export class Graph {
             proto.autoNamed = false;
             this.nodes.set(proto.nodeName, proto);
           }
+          // The caller gets the protocol node itself; keep the reference the finally below drops.
+          proto.refcnt++;
           return proto;
         }
       } else {
