@@ -82,7 +82,7 @@ export async function openQcow2(path: string, opts: { readOnly?: boolean; option
   const graph = opts.graph ?? newGraph();
   const readOnly = opts.readOnly ?? true;
   const bs = await graph.openImage(path, { format: 'qcow2', readOnly, options: opts.options ?? {} });
-  const perm = readOnly ? PERM.CONSISTENT_READ : PERM.CONSISTENT_READ | PERM.WRITE;
+  const perm = readOnly ? PERM.CONSISTENT_READ : PERM.CONSISTENT_READ | PERM.WRITE | PERM.RESIZE;
   const child = graph.attachRoot(bs, { kind: 'job', name: 'test', description: () => 'test reader' }, 'root', perm, PERM.ALL);
   bs.refcnt--; // attachRoot took a reference for the edge; the open's reference moves to it.
   return {

@@ -1,0 +1,219 @@
+/**
+ * Unit tests for the pieces a wasm kernel may replace (refcount get/set, L2
+ * scan), the metadata cache, header parse/serialise and the compressors.
+ */
+import fc from 'fast-check';
+import { describe, expect, it } from 'vitest';
+import { computeCacheSizes, MetadataCache } from './cache.ts';
+import { jsL2Kernel, newL2Scan, SC, type L2Geometry } from './cluster.ts';
+import { compressCluster, decompressCluster } from './compress.ts';
+import { COMPRESSION_TYPE, parseExtensions, parseHeader, serializeHeader, type Qcow2Extensions, type Qcow2Header } from './header.ts';
+import { jsRefcountKernel, refcountMetadataSize } from './refcount.ts';
+
+describe('refcount kernel', () => {
+  it('round-trips every width and leaves neighbours alone', () => {
+    fc.assert(
+      fc.property(fc.integer({ min: 0, max: 6 }), fc.integer({ min: 0, max: 511 }), fc.double({ min: 0, max: 1, noNaN: true }), (order, index, frac) => {
+        const bits = 1 << order;
+        const max = order === 6 ? Number.MAX_SAFE_INTEGER : 2 ** bits - 1;
+        const value = Math.floor(frac * max);
+        const block = new Uint8Array(512 * 8).fill(0xa5);
+        const before = jsRefcountKernel.get(block, index + 1, order);
+        jsRefcountKernel.set(block, index, order, value);
+        expect(jsRefcountKernel.get(block, index, order)).toBe(value);
+        expect(jsRefcountKernel.get(block, index + 1, order)).toBe(before);
+      }),
+    );
+  });
+
+  it('packs sub-byte refcounts least significant bits first', () => {
+    const b = new Uint8Array(1);
+    jsRefcountKernel.set(b, 0, 0, 1);
+    expect(b[0]).toBe(0b1);
+    jsRefcountKernel.set(b, 3, 1, 2);
+    expect(b[0]).toBe(0b1000_0001);
+    expect(() => jsRefcountKernel.set(b, 0, 2, 16)).toThrow();
+  });
+
+  it('sizes refcount metadata with QEMU\'s fixed point', () => {
+    // 64 KiB clusters, 16-bit refcounts: one block counts 32768 clusters.
+    expect(refcountMetadataSize(10, 65536, 4, false)).toEqual({ bytes: 2 * 65536, blocks: 1, tableClusters: 1 });
+    expect(refcountMetadataSize(32767, 65536, 4, false).blocks).toBe(2);
+  });
+});
+
+describe('L2 kernel', () => {
+  const std: L2Geometry = { clusterBits: 16, subclusterBits: 16, extended: false, hasDataFile: false };
+  const ext: L2Geometry = { clusterBits: 16, subclusterBits: 11, extended: true, hasDataFile: false };
+
+  function entries(list: Array<[bigint, bigint?]>, extended: boolean): Uint8Array {
+    const size = extended ? 16 : 8;
+    const buf = new Uint8Array(list.length * size);
+    const dv = new DataView(buf.buffer);
+    list.forEach(([e, bm], i) => {
+      dv.setBigUint64(i * size, e);
+      if (extended) dv.setBigUint64(i * size + 8, bm ?? 0n);
+    });
+    return buf;
+  }
+
+  const COPIED = 1n << 63n;
+  it('counts contiguous normal clusters and stops at a gap or type change', () => {
+    const s = newL2Scan();
+    const slice = entries([[COPIED | 0x50000n], [COPIED | 0x60000n], [COPIED | 0x80000n], [0n]], false);
+    jsL2Kernel.scan(slice, 0, 0, 4, std, s);
+    expect([s.type, s.count, s.hostCluster]).toEqual([SC.NORMAL, 2, 0x50000]);
+    jsL2Kernel.scan(slice, 3, 0, 1, std, s);
+    expect([s.type, s.count]).toEqual([SC.UNALLOCATED_PLAIN, 1]);
+  });
+
+  it('classifies zero clusters with and without an offset', () => {
+    const s = newL2Scan();
+    jsL2Kernel.scan(entries([[1n], [1n], [0x70000n | 1n]], false), 0, 0, 3, std, s);
+    expect([s.type, s.count]).toEqual([SC.ZERO_PLAIN, 2]);
+    jsL2Kernel.scan(entries([[0x70000n | 1n]], false), 0, 0, 1, std, s);
+    expect([s.type, s.hostCluster]).toEqual([SC.ZERO_ALLOC, 0x70000]);
+  });
+
+  it('follows subcluster bitmaps in extended entries', () => {
+    const s = newL2Scan();
+    // Subclusters 0-3 allocated, 4-5 zero, rest unallocated.
+    const bm = (0b110000n << 32n) | 0b1111n;
+    const slice = entries([[COPIED | 0x30000n, bm]], true);
+    jsL2Kernel.scan(slice, 0, 0, 1, ext, s);
+    expect([s.type, s.count]).toEqual([SC.NORMAL, 4]);
+    jsL2Kernel.scan(slice, 0, 2, 1, ext, s);
+    expect([s.type, s.count]).toEqual([SC.NORMAL, 2]);
+    jsL2Kernel.scan(slice, 0, 4, 1, ext, s);
+    expect([s.type, s.count]).toEqual([SC.ZERO_ALLOC, 2]);
+    jsL2Kernel.scan(slice, 0, 6, 1, ext, s);
+    expect([s.type, s.count]).toEqual([SC.UNALLOCATED_ALLOC, 26]);
+    // Both bits set for one subcluster: invalid.
+    jsL2Kernel.scan(entries([[COPIED | 0x30000n, (1n << 32n) | 1n]], true), 0, 0, 1, ext, s);
+    expect(s.type).toBe(SC.INVALID);
+    // Allocation bits without a host cluster: invalid.
+    jsL2Kernel.scan(entries([[0n, 1n]], true), 0, 0, 1, ext, s);
+    expect(s.type).toBe(SC.INVALID);
+  });
+
+  it('runs across fully allocated extended entries', () => {
+    const s = newL2Scan();
+    const all = 0xffffffffn;
+    jsL2Kernel.scan(entries([[COPIED | 0x30000n, all], [COPIED | 0x40000n, all], [COPIED | 0x50000n, 0xffffn]], true), 0, 0, 3, ext, s);
+    expect([s.type, s.count]).toEqual([SC.NORMAL, 32 + 32 + 16]);
+  });
+
+  it('treats offset 0 with COPIED as data in external data files only', () => {
+    const s = newL2Scan();
+    jsL2Kernel.scan(entries([[COPIED]], false), 0, 0, 1, { ...std, hasDataFile: true }, s);
+    expect([s.type, s.hostCluster]).toEqual([SC.NORMAL, 0]);
+    jsL2Kernel.scan(entries([[COPIED]], false), 0, 0, 1, std, s);
+    expect(s.type).toBe(SC.UNALLOCATED_PLAIN);
+  });
+});
+
+describe('metadata cache', () => {
+  it('evicts the least recently used clean entry and shares concurrent loads', async () => {
+    const c = new MetadataCache('l2', 2, 8);
+    let loads = 0;
+    const load = async (b: Uint8Array): Promise<void> => { loads++; b.fill(loads); };
+    const [a1, a2] = await Promise.all([c.get(0, load), c.get(0, load)]);
+    expect(a1).toBe(a2);
+    expect(loads).toBe(1);
+    await c.get(8, load);
+    await c.get(0, load); // 0 is now the youngest
+    await c.get(16, load); // evicts 8
+    expect(c.peek(8)).toBeUndefined();
+    expect(c.peek(0)).toBeDefined();
+  });
+
+  it('never drops dirty entries and cleans unused ones', async () => {
+    const c = new MetadataCache('refcount', 1, 8);
+    await c.get(0, async () => undefined);
+    c.markDirty(0);
+    await expect(c.get(8, async () => undefined)).rejects.toThrow(/full/);
+    const written: number[] = [];
+    await c.flush(async (off) => { written.push(off); });
+    expect(written).toEqual([0]);
+    c.cleanUnused();
+    expect(c.size).toBe(1);
+    c.cleanUnused();
+    expect(c.size).toBe(0);
+  });
+
+  it('computes QEMU cache sizes', () => {
+    // Default: enough L2 cache for the whole disk, full-cluster entries.
+    expect(computeCacheSizes({}, 65536, 1 << 30, 8)).toMatchObject({ l2Entries: 2, l2EntrySize: 65536, refcountEntries: 4, cleanInterval: 600 });
+    // 1 TiB needs 128 MiB of L2 tables; the 32 MiB default cannot cover it, so 4 KiB slices.
+    expect(computeCacheSizes({}, 65536, 2 ** 40, 8)).toMatchObject({ l2Entries: 8192, l2EntrySize: 4096 });
+    expect(computeCacheSizes({ 'cache-size': '2M' }, 65536, 2 ** 40, 8)).toMatchObject({ refcountEntries: 4, l2Entries: (2 * 1024 * 1024 - 4 * 65536) / 4096 });
+    expect(() => computeCacheSizes({ 'cache-size': '1M', 'l2-cache-size': '2M' }, 65536, 2 ** 40, 8)).toThrow('l2-cache-size may not exceed cache-size');
+  });
+});
+
+describe('header', () => {
+  function header(over: Partial<Qcow2Header> = {}): Qcow2Header {
+    return {
+      version: 3, backingFileOffset: 0, backingFileSize: 0, clusterBits: 16, size: 1 << 30, cryptMethod: 0,
+      l1Size: 2, l1TableOffset: 3 * 65536, refcountTableOffset: 65536, refcountTableClusters: 1, nbSnapshots: 0,
+      snapshotsOffset: 0, incompatibleFeatures: 0n, compatibleFeatures: 1n, autoclearFeatures: 0n, refcountOrder: 4,
+      headerLength: 112, compressionType: 0, unknownHeaderFields: new Uint8Array(0), ...over,
+    };
+  }
+
+  it('round-trips fields, extensions, unknown data and the backing name', () => {
+    const ext: Qcow2Extensions = { backingFormat: 'qcow2', dataFile: 'x.data', featureTable: [], staleBitmaps: false, unknown: [{ magic: 0xdeadbeef, data: Uint8Array.from([1, 2, 3, 4, 5]) }] };
+    const h = header({ incompatibleFeatures: 4n, unknownHeaderFields: Uint8Array.from([7, 7, 7, 7, 7, 7, 7, 7]) });
+    const buf = serializeHeader({ header: h, extensions: ext, backingFile: 'base.img', writeDataFile: true });
+    const p = parseHeader(buf);
+    expect(p.headerLength).toBe(120);
+    expect([...p.unknownHeaderFields]).toEqual([7, 7, 7, 7, 7, 7, 7, 7]);
+    expect(p.l1TableOffset).toBe(3 * 65536);
+    expect(p.compatibleFeatures).toBe(1n);
+    const e = parseExtensions(buf, p, p.backingFileOffset);
+    expect(e.backingFormat).toBe('qcow2');
+    expect(e.dataFile).toBe('x.data');
+    expect(e.unknown).toEqual(ext.unknown);
+    expect(e.featureTable.map((f) => f.name)).toContain('extended L2 entries');
+    expect(new TextDecoder().decode(buf.subarray(p.backingFileOffset, p.backingFileOffset + p.backingFileSize))).toBe('base.img');
+  });
+
+  it('writes short v2 headers without v3 fields or feature table', () => {
+    const buf = serializeHeader({ header: header({ version: 2, compatibleFeatures: 0n, headerLength: 72 }), extensions: { featureTable: [], staleBitmaps: false, unknown: [] }, writeDataFile: false });
+    const p = parseHeader(buf);
+    expect(p.version).toBe(2);
+    expect(p.headerLength).toBe(72);
+    expect(parseExtensions(buf, p, 65536).featureTable).toEqual([]);
+  });
+
+  it('refuses a header that does not fit in one cluster', () => {
+    expect(() => serializeHeader({ header: header({ clusterBits: 9 }), extensions: { featureTable: [], staleBitmaps: false, unknown: [] }, backingFile: 'x'.repeat(500), writeDataFile: false })).toThrow(/does not fit/);
+  });
+});
+
+describe('compression', () => {
+  it('inflates zlib clusters regardless of trailing sector padding', () => {
+    fc.assert(
+      fc.property(fc.uint8Array({ minLength: 0, maxLength: 4096 }), fc.integer({ min: 0, max: 511 }), (seed, pad) => {
+        const cluster = new Uint8Array(4096);
+        cluster.set(seed);
+        const c = compressCluster(COMPRESSION_TYPE.ZLIB, cluster, 1 << 20)!;
+        const padded = new Uint8Array(c.length + pad).fill(0xee);
+        padded.set(c);
+        const out = new Uint8Array(4096);
+        decompressCluster(COMPRESSION_TYPE.ZLIB, padded, out);
+        expect(Buffer.from(out).equals(Buffer.from(cluster))).toBe(true);
+      }),
+      { numRuns: 50 },
+    );
+  });
+
+  it('reports incompressible clusters and short or long output', () => {
+    const rnd = globalThis.crypto.getRandomValues(new Uint8Array(4096));
+    expect(compressCluster(COMPRESSION_TYPE.ZLIB, rnd, 4095)).toBeNull();
+    const c = compressCluster(COMPRESSION_TYPE.ZLIB, new Uint8Array(4096), 4095)!;
+    expect(() => decompressCluster(COMPRESSION_TYPE.ZLIB, c, new Uint8Array(8192))).toThrow(/decompression failed/);
+    expect(() => decompressCluster(COMPRESSION_TYPE.ZLIB, c, new Uint8Array(1024))).toThrow(/decompression failed/);
+    expect(() => compressCluster(COMPRESSION_TYPE.ZSTD, rnd, 4095)).toThrow(/zstd/);
+  });
+});
