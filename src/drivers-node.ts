@@ -4,6 +4,7 @@
  * Engineers adding a driver that runs in Node list it here.
  */
 import type { BlockDriver } from './core/driver.ts';
+import { qcow2Driver } from './formats/qcow2/index.ts';
 import { rawDriver } from './formats/raw.ts';
 import { fileDriver } from './protocols/file.ts';
 import { memoryDriver } from './protocols/memory.ts';
@@ -19,5 +20,6 @@ export function nodeDrivers(): BlockDriver[] {
     nullAioDriver,
     // formats
     rawDriver,
+    qcow2Driver,
   ];
 }
