@@ -23,6 +23,7 @@ import { BlockError, STRERROR, toBlockError } from '../core/errors.ts';
 import type { BlockNode } from '../core/node.ts';
 import { REQ, type PreallocMode } from '../core/types.ts';
 import { boolOption, sizeOption, stringOption } from './driver-opts.ts';
+import { checkProtocolPrealloc } from './memory.ts';
 
 /** Prefix of the Web Lock names that guard OPFS files. */
 export const OPFS_LOCK_PREFIX = 'qblock:opfs:';
@@ -331,8 +332,8 @@ export const opfsDriver: BlockDriver = {
 
   async truncate(bs, offset, _exact, prealloc) {
     const s = st(bs);
-    checkPrealloc(prealloc);
-    // Regular files are always resized exactly, as file-posix does.
+    // file-posix's rules (no preallocation when shrinking); regular files are always resized exactly.
+    checkProtocolPrealloc(s.handle.getSize(), offset, prealloc);
     try {
       s.handle.truncate(offset);
     } catch (e) {
