@@ -7,7 +7,7 @@ import type { BdrvChild } from '../core/child.ts';
 import type { CreateContext, ReopenState } from '../core/driver.ts';
 import { BlockError } from '../core/errors.ts';
 import { Graph } from '../core/graph.ts';
-import { bdrvBlockStatus, bdrvFlush, bdrvPreadv, bdrvPwriteZeroes, bdrvPwritev, bdrvTruncate } from '../core/io.ts';
+import { bdrvBlockStatus, bdrvFlush, bdrvGetLength, bdrvPreadv, bdrvPwriteZeroes, bdrvPwritev, bdrvTruncate, refreshTotalBytes } from '../core/io.ts';
 import type { BlockNode } from '../core/node.ts';
 import { BLOCK, OPEN, PERM, REQ, type BlockdevOptions } from '../core/types.ts';
 import { nodeDrivers } from '../drivers-node.ts';
@@ -190,6 +190,16 @@ describe('file I/O', () => {
     await Promise.all(Array.from({ length: 8 }, (_, i) => bdrvPwritev(root, i * 4096, 4096, new Uint8Array(4096).fill(i + 1))));
     expect(peak).toBeGreaterThan(1);
     expect((await readBack(root, 7 * 4096, 1))[0]).toBe(8);
+  });
+
+  it('caches the length like QEMU (read at open and truncate, grown by our writes), not per request', async () => {
+    const p = await file(4096);
+    const { bs, root } = await openNode(p);
+    await bdrvPwritev(root, 8000, 100, new Uint8Array(100));
+    expect(await bdrvGetLength(bs)).toBe(8100);
+    await fsp.truncate(p, 20000);
+    expect(await bdrvGetLength(bs)).toBe(8100);
+    expect(await refreshTotalBytes(bs)).toBe(20000);
   });
 
   it('reports the allocated size from st_blocks', async () => {

@@ -5,6 +5,9 @@
  * way QEMU's thread-pool AIO does; the generic request path already orders
  * the requests that must not overlap.
  *
+ * The length is cached as QEMU caches it for regular files (bdrv_file has
+ * no variable length): read at open and after truncate, grown by writes.
+ *
  * What Node cannot do is emulated the way file-posix falls back when the
  * file system cannot: there is no fallocate, so zero writes past EOF extend
  * the file sparsely and everything else returns ENOTSUP for the generic
@@ -215,7 +218,9 @@ export const fileDriver: BlockDriver = {
   name: 'file',
   kind: 'protocol',
   protocolNames: ['file'],
-  hasVariableLength: true,
+  // Like QEMU's bdrv_file (only host_cdrom has a variable length): the length is read at open and after
+  // truncate, and grows with our own writes. Asking the OS on every request would cost a stat per read.
+  hasVariableLength: false,
   runtimeOptions: [
     { name: 'filename', type: 'string', help: 'File name of the image' },
     { name: 'aio', type: 'string', help: 'host AIO implementation (threads, native, io_uring)' },
