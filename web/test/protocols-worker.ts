@@ -220,6 +220,19 @@ const api = {
     return got.every((b, i) => b === want[i]);
   },
 
+  /**
+   * Writes testPattern(length, seed) at offset from a SharedArrayBuffer view and reads it back into
+   * another one (what the emulator's SAB channel does); returns whether the bytes matched.
+   */
+  async sharedBufferRoundTrip(id: string, offset: number, length: number, seed: number): Promise<boolean> {
+    const src = new Uint8Array(new SharedArrayBuffer(length + 8), 8, length);
+    src.set(testPattern(length, seed));
+    await backend(id).pwrite(offset, src);
+    const dst = new Uint8Array(new SharedArrayBuffer(length + 16), 16, length);
+    await backend(id).pread(offset, dst);
+    return dst.every((b, i) => b === src[i]);
+  },
+
   async flush(id: string): Promise<void> {
     await backend(id).flush();
   },
