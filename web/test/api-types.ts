@@ -17,6 +17,7 @@ export interface CallError {
 /** Result of window.qbCall: the value (Uint8Array turned into a number array) or the error. */
 export type CallResult = { ok: true; value: unknown } | { ok: false; error: CallError };
 
+/** Names of the worker API's methods. */
 export type ApiMethod = keyof TestApi;
 
 declare global {

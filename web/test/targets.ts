@@ -6,6 +6,7 @@
  */
 import type { ConformanceGroup } from '../../src/core/conformance.ts';
 
+/** One mebibyte. */
 export const MiB = 1 << 20;
 
 /** Groups every writable, resizable target takes (as in src/core/conformance.test.ts). */
@@ -17,6 +18,7 @@ export interface SharedTargetInfo {
   groups: readonly ConformanceGroup[];
 }
 
+/** Targets of the shared suite, each with the groups it takes. */
 export const SHARED_TARGETS: readonly SharedTargetInfo[] = [
   { id: 'opfs', groups: DATA_GROUPS },
   { id: 'raw over opfs', groups: DATA_GROUPS },
