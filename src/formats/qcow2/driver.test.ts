@@ -274,3 +274,75 @@ describe('runtime options', () => {
     }
   });
 });
+
+describe('reopen and cache invalidation', () => {
+  it('reopens read-write only where a read-write open would succeed, and resizes caches', async () => {
+    const img = image([], '64G');
+    const o = await openQcow2(tmp.path(img));
+    try {
+      await o.graph.reopen(o.bs, { options: { 'l2-cache-size': '2M', 'l2-cache-entry-size': '8k' } });
+      const s = o.bs.opaque as Qcow2State;
+      expect([s.l2Cache.entrySize, s.l2Cache.maxEntries]).toEqual([8192, 256]);
+      expect((await bdrvPread(o.child, 0, 1))[0]).toBe(0x42);
+      await expect(o.graph.reopen(o.bs, { options: { 'l2-cache-entry-size': '100' } })).rejects.toThrow(/L2 cache entry size/);
+      await expect(o.graph.reopen(o.bs, { options: { bogus: 1 } })).rejects.toThrow(/does not support the option 'bogus'/);
+    } finally {
+      await o.close();
+    }
+    const dirty = image(['-o', 'lazy_refcounts=on']);
+    patch(tmp.path(dirty), 72, be64(1n));
+    const d = await openQcow2(tmp.path(dirty));
+    try {
+      await expect(d.graph.reopen(d.bs, { readOnly: false })).rejects.toThrow(/Could not repair dirty image/);
+      expect(d.bs.readOnly).toBe(true);
+    } finally {
+      await d.close();
+    }
+  });
+
+  it('sees changes another writer made after invalidateCache', async () => {
+    const img = image([], '1M');
+    const o = await openQcow2(tmp.path(img));
+    try {
+      expect((await bdrvPread(o.child, 512 * 1024, 1))[0]).toBe(0);
+      qemuIo(tmp.dir, img, 'write -P 0x66 512k 64k');
+      qemuImg(tmp.dir, 'resize', '-f', 'qcow2', img, '3M');
+      await o.bs.drv.invalidateCache!(o.bs);
+      expect(o.bs.totalBytes).toBe(3 * 1024 * 1024);
+      expect((await bdrvPread(o.child, 512 * 1024, 1))[0]).toBe(0x66);
+    } finally {
+      await o.close();
+    }
+  });
+});
+
+describe('more extension cases', () => {
+  it('takes an explicit data-file option over the name in the image', async () => {
+    const img = `edf-${n++}.qcow2`;
+    qemuImg(tmp.dir, 'create', '-f', 'qcow2', '-o', `data_file=${img}.data`, img, '1M');
+    qemuIo(tmp.dir, img, 'write -P 0x99 0 4k');
+    qemuImg(tmp.dir, 'convert', '-f', 'raw', '-O', 'raw', `${img}.data`, `${img}.copy`);
+    const o = await openQcow2(tmp.path(img), { options: { 'data-file': { driver: 'file', filename: tmp.path(`${img}.copy`) } } });
+    try {
+      expect((await bdrvPread(o.child, 0, 1))[0]).toBe(0x99);
+      expect((o.bs.opaque as Qcow2State).dataFile.bs.filename).toBe(tmp.path(`${img}.copy`));
+    } finally {
+      await o.close();
+    }
+    const plain = image([], '1M');
+    await expect(openQcow2(tmp.path(plain), { options: { 'data-file': { driver: 'file', filename: tmp.path(`${img}.copy`) } } })).rejects.toThrow("'data-file' can only be set for images with an external data file");
+  });
+
+  it('reads the backing format extension of v2 images', async () => {
+    const base = image([], '1M');
+    const img = `v2b-${n++}.qcow2`;
+    qemuImg(tmp.dir, 'create', '-f', 'qcow2', '-o', 'compat=0.10', '-b', base, '-F', 'qcow2', img, '1M');
+    const o = await openQcow2(tmp.path(img));
+    try {
+      expect(o.bs.backingFormat).toBe('qcow2');
+      expect((await bdrvPread(o.child, 0, 1))[0]).toBe(0x42);
+    } finally {
+      await o.close();
+    }
+  });
+});

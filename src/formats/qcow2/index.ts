@@ -6,10 +6,10 @@
  * of a healthy image works, but every modifying request fails with ENOTSUP.
  */
 import type { BdrvChild } from '../../core/child.ts';
-import type { BlockDriver, BlockDriverInfo, ImageInfoSpecific, MeasureInfo, SnapshotInfo } from '../../core/driver.ts';
+import type { BlockDriver, BlockDriverInfo, ImageInfoSpecific, MeasureInfo, ReopenState, SnapshotInfo } from '../../core/driver.ts';
 import { BlockError, toBlockError } from '../../core/errors.ts';
 import type { ImplicitOpenRequest } from '../../core/graph.ts';
-import { bdrvBlockStatusAbove, bdrvGetLength, bdrvPread, bdrvPreadv, bdrvPwritev } from '../../core/io.ts';
+import { bdrvBlockStatusAbove, bdrvGetLength, bdrvPread, bdrvPreadv, bdrvPwritev, refreshTotalBytes } from '../../core/io.ts';
 import type { BlockNode } from '../../core/node.ts';
 import type { CreateOptions, OptionSpec } from '../../core/options.ts';
 import { parseOptionValue } from '../../core/options.ts';
@@ -70,6 +70,10 @@ export interface Qcow2State {
   metadataPreallocation?: boolean;
   cleanTimer?: ReturnType<typeof setInterval>;
   lazyRefcounts: boolean;
+  /** Driver options the caches were sized from, for reopen to merge changes into. */
+  runtimeOptions: Record<string, unknown>;
+  /** Seconds between cache cleanings (0 = never). */
+  cleanInterval: number;
   /** Last decompressed cluster, keyed by its descriptor, so small sequential reads inflate once. */
   lastCompressed?: { hi: number; lo: number; data: Uint8Array };
 }
@@ -304,6 +308,8 @@ async function qcow2Open(bs: BlockNode, options: Record<string, unknown>, flags:
     snapshots,
     snapshotsSize,
     lazyRefcounts,
+    runtimeOptions: pickRuntimeOptions(options),
+    cleanInterval: sizes.cleanInterval,
     mapping: {
       geometry,
       version: h.version,
@@ -312,7 +318,7 @@ async function qcow2Open(bs: BlockNode, options: Record<string, unknown>, flags:
       l2SliceEntries,
       l2Entries,
       loadL2Slice: (offset, describe) =>
-        l2Cache.get(offset, async (buf) => {
+        s.l2Cache.get(offset, async (buf) => {
           // A table past the end of the file would read as zeroes and silently hide data: refuse it.
           if (offset >= (await bdrvGetLength(file.bs))) throw corruption(bs, describe());
           await bdrvPreadv(file, offset, buf.length, buf);
@@ -340,14 +346,122 @@ async function qcow2Open(bs: BlockNode, options: Record<string, unknown>, flags:
   bs.totalBytes = virtualSize;
   bs.supportedZeroFlags = 0;
   bs.supportedTruncateFlags = 0;
-  if (sizes.cleanInterval > 0) {
-    s.cleanTimer = setInterval(() => {
-      l2Cache.cleanUnused();
-      refcountCache.cleanUnused();
-    }, sizes.cleanInterval * 1000);
-    // A cache timer must never keep a Node process alive.
-    (s.cleanTimer as { unref?: () => void }).unref?.();
+  startCleanTimer(s);
+}
+
+/** Keeps the options that size caches or tune behaviour, so a reopen can merge new ones into them. */
+function pickRuntimeOptions(options: Record<string, unknown>): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const o of RUNTIME_OPTIONS) if (options[o.name] !== undefined) out[o.name] = options[o.name];
+  return out;
+}
+
+/** (Re)arms the timer that drops cache entries unused for a whole interval (QEMU's cache_clean_timer). */
+function startCleanTimer(s: Qcow2State): void {
+  if (s.cleanTimer !== undefined) clearInterval(s.cleanTimer);
+  delete s.cleanTimer;
+  if (s.cleanInterval <= 0) return;
+  s.cleanTimer = setInterval(() => {
+    s.l2Cache.cleanUnused();
+    s.refcountCache.cleanUnused();
+  }, s.cleanInterval * 1000);
+  // A cache timer must never keep a Node process alive.
+  (s.cleanTimer as { unref?: () => void }).unref?.();
+}
+
+/** What reopenPrepare computed, applied by reopenCommit. */
+interface Qcow2Reopen {
+  options: Record<string, unknown>;
+  sizes: ReturnType<typeof computeCacheSizes>;
+  lazyRefcounts: boolean;
+}
+
+/** Checks a reopen (QEMU's qcow2_reopen_prepare): new cache options, and whether the image may become writable. */
+async function qcow2ReopenPrepare(rs: ReopenState): Promise<void> {
+  const bs = rs.bs;
+  const s = state(bs);
+  const h = s.header;
+  const options = { ...s.runtimeOptions, ...pickRuntimeOptions(rs.options) };
+  for (const k of Object.keys(rs.options)) {
+    if (!RUNTIME_OPTIONS.some((o) => o.name === k)) throw new BlockError('EINVAL', `Block format 'qcow2' does not support the option '${k}'`);
   }
+  // cache-size replaces both specific sizes given before (qcow2_join_options).
+  if (rs.options['cache-size'] !== undefined) {
+    if (rs.options['l2-cache-size'] === undefined) delete options['l2-cache-size'];
+    if (rs.options['refcount-cache-size'] === undefined) delete options['refcount-cache-size'];
+  }
+  const sizes = computeCacheSizes(options, s.clusterSize, bs.totalBytes, s.l2EntryBytes);
+  const lazyRefcounts = checkRuntimeOptions(options, h.version, h.compatibleFeatures);
+  if (!rs.readOnly && bs.readOnly) {
+    if (h.incompatibleFeatures & INCOMPAT.CORRUPT) throw new BlockError('EACCES', 'qcow2: Image is corrupt; cannot be opened read/write');
+    if (h.incompatibleFeatures & INCOMPAT.DIRTY) {
+      throw new BlockError('ENOTSUP', 'Could not repair dirty image: refcount repair (qemu-img check -r) is not implemented yet; open the image read-only');
+    }
+    if (s.ext.bitmaps) throw new BlockError('ENOTSUP', 'qcow2: images with persistent dirty bitmaps can only be opened read-only (bitmap support is not implemented yet)');
+  }
+  const r: Qcow2Reopen = { options, sizes, lazyRefcounts };
+  rs.opaque = r;
+}
+
+/** Applies a prepared reopen: new caches when their geometry changed (they hold no unwritten entries while writes are unimplemented). */
+function qcow2ReopenCommit(rs: ReopenState): void {
+  const s = state(rs.bs);
+  const r = rs.opaque as Qcow2Reopen;
+  s.runtimeOptions = r.options;
+  s.lazyRefcounts = r.lazyRefcounts;
+  if (r.sizes.l2Entries !== s.l2Cache.maxEntries || r.sizes.l2EntrySize !== s.l2Cache.entrySize) {
+    s.l2Cache = new MetadataCache('l2', r.sizes.l2Entries, r.sizes.l2EntrySize);
+    s.mapping.l2SliceEntries = r.sizes.l2EntrySize / s.l2EntryBytes;
+  }
+  if (r.sizes.refcountEntries !== s.refcountCache.maxEntries) {
+    s.refcountCache = new MetadataCache('refcount', r.sizes.refcountEntries, s.clusterSize);
+    s.refcount.cache = s.refcountCache;
+  }
+  if (r.sizes.cleanInterval !== s.cleanInterval) {
+    s.cleanInterval = r.sizes.cleanInterval;
+    startCleanTimer(s);
+  }
+}
+
+/**
+ * Re-reads what another writer may have changed (QEMU's
+ * qcow2_co_invalidate_cache): the header, L1 and refcount tables; cached L2
+ * slices and refcount blocks are dropped. The cluster geometry must not change.
+ */
+async function qcow2InvalidateCache(bs: BlockNode): Promise<void> {
+  const s = state(bs);
+  const file = bs.file!;
+  // Storage first, as QEMU's bdrv_co_invalidate_cache does: the file may have grown.
+  for (const c of [file, ...(s.hasDataFile ? [s.dataFile] : [])]) {
+    await c.bs.drv.invalidateCache?.(c.bs);
+    await refreshTotalBytes(c.bs);
+  }
+  s.l2Cache.invalidate();
+  s.refcountCache.invalidate();
+  delete s.lastCompressed;
+  delete s.metadataPreallocation;
+  const first = await readMeta(file, 0, s.clusterSize, 'Could not reopen qcow2 layer: Could not read qcow2 header');
+  const h = parseHeader(first);
+  const geometryBits = INCOMPAT.EXTL2 | INCOMPAT.DATA_FILE;
+  if (h.clusterBits !== s.clusterBits || (h.incompatibleFeatures & geometryBits) !== (s.header.incompatibleFeatures & geometryBits) || h.refcountOrder !== s.header.refcountOrder) {
+    throw new BlockError('EIO', 'Could not reopen qcow2 layer: the image geometry changed', { node: bs.nodeName });
+  }
+  const raw = h.raw!;
+  validateTable(raw.refcountTableOffset, h.refcountTableClusters, s.clusterSize, LIMITS.MAX_REFTABLE_SIZE, s.clusterSize, 'Reference count table');
+  validateTable(raw.l1TableOffset, h.l1Size, 8, LIMITS.MAX_L1_SIZE, s.clusterSize, 'Active L1 table');
+  const l1VmStateIndex = Math.ceil(h.size / (s.clusterSize * s.l2Entries));
+  if (h.l1Size < l1VmStateIndex) throw new BlockError('EINVAL', 'L1 table is too small');
+  const l1 = h.l1Size > 0 ? await readMeta(file, h.l1TableOffset, h.l1Size * 8, 'Could not read L1 table') : new Uint8Array(0);
+  const reftable = await readMeta(file, h.refcountTableOffset, h.refcountTableClusters * s.clusterSize, 'Could not initialize refcount handling');
+  s.ext = parseExtensions(first, h, extensionsEnd(h), (m) => bs.graph.onWarning(m));
+  s.header = h;
+  s.l1 = l1;
+  s.mapping.l1 = l1;
+  s.mapping.l1Size = h.l1Size;
+  s.l1VmStateIndex = l1VmStateIndex;
+  s.refcount.table = reftable;
+  s.refcount.tableOffset = h.refcountTableOffset;
+  bs.totalBytes = Math.floor(h.size / 512) * 512;
 }
 
 /** Reads one compressed cluster's data and copies the wanted part (QEMU's qcow2_co_preadv_compressed). */
@@ -566,12 +680,9 @@ export const qcow2Driver: BlockDriver = {
 
   create: qcow2Create,
 
-  async invalidateCache(bs) {
-    const s = state(bs);
-    s.l2Cache.invalidate();
-    s.refcountCache.invalidate();
-    delete s.lastCompressed;
-  },
+  reopenPrepare: qcow2ReopenPrepare,
+  reopenCommit: qcow2ReopenCommit,
+  invalidateCache: qcow2InvalidateCache,
 };
 
 export { qcow2Driver as default };

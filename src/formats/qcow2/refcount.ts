@@ -116,7 +116,7 @@ export class RefcountState {
     /** Refcount table as on disk (big-endian 64-bit entries). */
     public table: Uint8Array,
     public tableOffset: number,
-    readonly cache: MetadataCache,
+    public cache: MetadataCache,
     readonly file: BdrvChild,
   ) {
     this.blockBits = clusterBits - (order - 3);
