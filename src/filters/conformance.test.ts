@@ -15,15 +15,6 @@ import { filterDrivers } from './index.ts';
 
 const MiB = 1 << 20;
 const DATA_GROUPS: readonly ConformanceGroup[] = ['read-write', 'zero-init', 'write-zeroes', 'discard', 'flush', 'truncate', 'truncate-prealloc', 'range-checks'];
-/**
- * For stacks whose alignment is above 1. The random sequences truncate to
- * unaligned lengths and then write the last partial block; the generic path
- * writes the padded block, which grows the node to the next alignment
- * boundary (QEMU does the same), so the length no longer matches the model.
- * The plain `memory align=4096` target has the same exposure; until the suite
- * or the generic path settles it, aligned stacks here skip truncation.
- */
-const ALIGNED_GROUPS: readonly ConformanceGroup[] = DATA_GROUPS.filter((g) => g !== 'truncate' && g !== 'truncate-prealloc');
 
 // Limits far above what the suite moves, on the real clock: throttling must not change results, only pace them.
 const registry = new ThrottleGroupRegistry();
@@ -36,7 +27,7 @@ function target(
 ): ConformanceTarget {
   return {
     name,
-    groups: (extra.alignment ?? 1) > 1 ? ALIGNED_GROUPS : DATA_GROUPS,
+    groups: DATA_GROUPS,
     ...extra,
     async open() {
       const group = `conf-${groupSeq++}`;
