@@ -4,6 +4,8 @@
  * Engineers adding a driver that runs in browsers list it here.
  */
 import type { BlockDriver } from './core/driver.ts';
+import { filterDrivers } from './filters/index.ts';
+import { qcow2Driver } from './formats/qcow2/index.ts';
 import { rawDriver } from './formats/raw.ts';
 import { blobDriver } from './protocols/blob.ts';
 import { httpDriver } from './protocols/http.ts';
@@ -11,7 +13,11 @@ import { memoryDriver } from './protocols/memory.ts';
 import { nullAioDriver, nullCoDriver } from './protocols/null.ts';
 import { opfsDriver } from './protocols/opfs.ts';
 
-/** The drivers a browser graph registers, protocols first; raw is always present as the probing fallback. */
+/**
+ * The drivers a browser graph registers, protocols first; raw is always
+ * present as the probing fallback. Filters join the process-wide throttle
+ * group registry.
+ */
 export function browserDrivers(): BlockDriver[] {
   return [
     // protocols
@@ -23,5 +29,8 @@ export function browserDrivers(): BlockDriver[] {
     nullAioDriver,
     // formats
     rawDriver,
+    qcow2Driver,
+    // filters
+    ...filterDrivers(),
   ];
 }

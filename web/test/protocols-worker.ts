@@ -17,7 +17,7 @@ import { httpStats, type HttpStats } from '../../src/protocols/http.ts';
 import { opfsDriver, opfsList, opfsRemove, opfsRename, opfsSyncAvailable, type OpfsEntry } from '../../src/protocols/opfs.ts';
 import { readOnlyCases, type ReadOnlyTarget } from '../../src/protocols/readonly-conformance.ts';
 import { registerBlockErrorTransfer } from './comlink-errors.ts';
-import { MiB, PATTERN_IMAGE, SHARED_TARGETS, testPattern, ZERO_IMAGE } from './targets.ts';
+import { MiB, PATTERN_IMAGE, QCOW2_IMAGES, SHARED_TARGETS, testPattern, ZERO_IMAGE } from './targets.ts';
 
 registerBlockErrorTransfer();
 
@@ -106,24 +106,76 @@ function sharedTarget(id: string): ConformanceTarget {
   }
 }
 
+/** Fetches a whole file from the range server (reference images and files to import). */
+async function fetchBytes(path: string): Promise<Uint8Array<ArrayBuffer>> {
+  const res = await fetch(httpBase + path, { cache: 'no-store' });
+  if (!res.ok) throw new Error(`GET ${path}: ${res.status}`);
+  return new Uint8Array(await res.arrayBuffer());
+}
+
+/** Copies a file from the range server into OPFS (through the opfs protocol) and returns its OPFS path. */
+async function importToOpfs(path: string): Promise<string> {
+  const data = await fetchBytes(path);
+  const filename = `conformance/import-${Date.now()}-${fileSeq++}${path.slice(path.lastIndexOf('.'))}`;
+  const g = new Graph({ drivers: browserDrivers() });
+  const blk = await BlockBackend.open(g, { driver: 'opfs', filename, create: true });
+  try {
+    await blk.truncate(data.length);
+    await blk.pwrite(0, data);
+    await blk.flush();
+  } finally {
+    await blk.close();
+    await g.closeAll();
+  }
+  return filename;
+}
+
+/** Per target: what to open and the bytes it must read as, computed once per worker. */
+const readOnlySetups = new Map<string, Promise<{ target: string | BlockdevOptions; format?: string; expected: Uint8Array }>>();
+
+function readOnlySetup(id: string): Promise<{ target: string | BlockdevOptions; format?: string; expected: Uint8Array }> {
+  let p = readOnlySetups.get(id);
+  if (p) return p;
+  p = (async () => {
+    switch (id) {
+      case 'http':
+        return {
+          target: { driver: 'http', url: httpBase + PATTERN_IMAGE.path, readahead: 65536 },
+          expected: testPattern(PATTERN_IMAGE.size, PATTERN_IMAGE.seed),
+        };
+      case 'blob': {
+        const expected = testPattern(PATTERN_IMAGE.size, PATTERN_IMAGE.seed);
+        return { target: { driver: 'blob', blob: new Blob([expected]) }, expected };
+      }
+      case 'qcow2 over http':
+      case 'qcow2 compressed over http': {
+        const img = id.includes('compressed') ? QCOW2_IMAGES.compressed : QCOW2_IMAGES.plain;
+        return { target: httpBase + img.path, format: 'qcow2', expected: await fetchBytes(img.raw) };
+      }
+      case 'qcow2 over opfs':
+        return { target: await importToOpfs(QCOW2_IMAGES.plain.path), format: 'qcow2', expected: await fetchBytes(QCOW2_IMAGES.plain.raw) };
+      default:
+        throw new Error(`unknown read-only target '${id}'`);
+    }
+  })();
+  readOnlySetups.set(id, p);
+  // A failed setup is retried by the next case rather than remembered.
+  p.catch(() => readOnlySetups.delete(id));
+  return p;
+}
+
 function readOnlyTarget(id: string): ReadOnlyTarget {
-  const expected = testPattern(PATTERN_IMAGE.size, PATTERN_IMAGE.seed);
-  const options: BlockdevOptions =
-    id === 'http'
-      ? { driver: 'http', url: httpBase + PATTERN_IMAGE.path, readahead: 65536 }
-      : id === 'blob'
-        ? { driver: 'blob', blob: new Blob([expected]) }
-        : (() => {
-            throw new Error(`unknown read-only target '${id}'`);
-          })();
   return {
     name: id,
     async open() {
-      const g = new Graph({ drivers: browserDrivers() });
-      const blk = await BlockBackend.open(g, options, { readOnly: true });
+      const setup = await readOnlySetup(id);
+      const g = new Graph({ drivers: browserDrivers(), defaultProtocol: 'opfs' });
+      const opts: { readOnly: boolean; format?: string } = { readOnly: true };
+      if (setup.format !== undefined) opts.format = setup.format;
+      const blk = await BlockBackend.open(g, setup.target, opts);
       return {
         blk,
-        expected,
+        expected: setup.expected,
         async close() {
           await blk.close();
           await g.closeAll();

@@ -27,8 +27,27 @@ export const SHARED_TARGETS: readonly SharedTargetInfo[] = [
   { id: 'blob zero image', groups: ['zero-init'] },
 ];
 
-/** Targets of the read-only cases (src/protocols/readonly-conformance.ts). */
-export const READONLY_TARGETS: readonly string[] = ['http', 'blob'];
+/** A target of the read-only cases (src/protocols/readonly-conformance.ts). */
+export interface ReadOnlyTargetInfo {
+  id: string;
+  /** Its image is made by qemu-img in the spec (QCOW2_IMAGES), so it runs only where QEMU is installed. */
+  needsQemu?: boolean;
+}
+
+/** Targets of the read-only cases. */
+export const READONLY_TARGETS: readonly ReadOnlyTargetInfo[] = [
+  { id: 'http' },
+  { id: 'blob' },
+  { id: 'qcow2 over http', needsQemu: true },
+  { id: 'qcow2 compressed over http', needsQemu: true },
+  { id: 'qcow2 over opfs', needsQemu: true },
+];
+
+/** QEMU-made qcow2 images the spec serves, each with its `qemu-img convert -O raw` reference next to it. */
+export const QCOW2_IMAGES = {
+  plain: { path: '/conf/mixed.qcow2', raw: '/conf/mixed.raw' },
+  compressed: { path: '/conf/compressed.qcow2', raw: '/conf/compressed.raw' },
+} as const;
 
 /** The patterned image the read-only targets serve. */
 export const PATTERN_IMAGE = { path: '/conf/pattern.img', size: 300_001, seed: 3 } as const;
