@@ -84,6 +84,15 @@ export class MetadataCache {
     }
   }
 
+  /** The cached buffer at `offset`, counted as a use (the synchronous hit path of get), or undefined. */
+  lookup(offset: number): Uint8Array | undefined {
+    const e = this.entries.get(offset);
+    if (!e) return undefined;
+    this.hits++;
+    this.touch(offset, e);
+    return e.buf;
+  }
+
   /** The cached buffer at `offset` without loading, or undefined. */
   peek(offset: number): Uint8Array | undefined {
     return this.entries.get(offset)?.buf;

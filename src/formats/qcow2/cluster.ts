@@ -226,7 +226,7 @@ export interface MappingContext {
    * Loads (through the cache) the L2 slice at host offset `offset`; on a cache
    * miss it refuses a slice past the end of the file with `describe()`.
    */
-  loadL2Slice(offset: number, describe: () => string): Promise<Uint8Array>;
+  loadL2Slice(offset: number, describe: () => string): Uint8Array | Promise<Uint8Array>;
   /** Builds the error for a corruption (QEMU's qcow2_signal_corruption, fatal). */
   corruption(message: string): BlockError;
 }
@@ -280,7 +280,9 @@ export async function getHostOffset(ctx: MappingContext, offset: number, bytes: 
       const l2Index = clusterIndex % ctx.l2Entries;
       const entryBytes = g.extended ? 16 : 8;
       const sliceOffset = l2Offset + Math.floor(l2Index / ctx.l2SliceEntries) * ctx.l2SliceEntries * entryBytes;
-      const slice = await ctx.loadL2Slice(sliceOffset, () => `L2 table offset ${hex(l2Offset)} beyond the end of the image file (L1 index: ${hex(l1Index)})`);
+      const loaded = ctx.loadL2Slice(sliceOffset, () => `L2 table offset ${hex(l2Offset)} beyond the end of the image file (L1 index: ${hex(l1Index)})`);
+      // Cache hits come back synchronously; only misses pay for an await.
+      const slice = loaded instanceof Uint8Array ? loaded : await loaded;
       const scIndex = Math.floor(offsetInCluster / 2 ** g.subclusterBits);
       const nbClusters = Math.ceil(needed / clusterSize);
       const s = scanScratch;

@@ -15,7 +15,7 @@ import type { CreateOptions, OptionSpec } from '../../core/options.ts';
 import { parseOptionValue } from '../../core/options.ts';
 import { BDRV_MAX_LENGTH, BLOCK, OPEN, ROLE, type BlockdevOptions, type BlockStatus } from '../../core/types.ts';
 import { CACHE_OPTIONS, computeCacheSizes, MetadataCache } from './cache.ts';
-import { getHostOffset, parseCompressedEntry, SC, type L2Geometry, type MappingContext } from './cluster.ts';
+import { getHostOffset, parseCompressedEntry, SC, type HostMapping, type L2Geometry, type MappingContext } from './cluster.ts';
 import { decompressCluster } from './compress.ts';
 import { CREATE_OPTIONS, measureQcow2, qcow2Create } from './create.ts';
 import {
@@ -318,6 +318,7 @@ async function qcow2Open(bs: BlockNode, options: Record<string, unknown>, flags:
       l2SliceEntries,
       l2Entries,
       loadL2Slice: (offset, describe) =>
+        s.l2Cache.lookup(offset) ??
         s.l2Cache.get(offset, async (buf) => {
           // A table past the end of the file would read as zeroes and silently hide data: refuse it.
           if (offset >= (await bdrvGetLength(file.bs))) throw corruption(bs, describe());
@@ -485,6 +486,27 @@ async function readCompressed(bs: BlockNode, s: Qcow2State, hi: number, lo: numb
   out.set(data.subarray(inCluster, inCluster + bytes));
 }
 
+/** Reads one mapped extent into `out` (QEMU's qcow2_co_preadv_task plus the zero cases of qcow2_co_preadv_part). */
+function readExtent(bs: BlockNode, s: Qcow2State, m: HostMapping, cur: number, out: Uint8Array, signal?: AbortSignal): Promise<void> {
+  switch (m.type) {
+    case SC.ZERO_PLAIN:
+    case SC.ZERO_ALLOC:
+      out.fill(0);
+      return Promise.resolve();
+    case SC.UNALLOCATED_PLAIN:
+    case SC.UNALLOCATED_ALLOC:
+      if (bs.backing) return bdrvPreadv(bs.backing, cur, out.length, out, 0, signal);
+      out.fill(0);
+      return Promise.resolve();
+    case SC.COMPRESSED:
+      return readCompressed(bs, s, m.entryHi, m.entryLo, cur, out.length, out);
+    case SC.NORMAL:
+      return bdrvPreadv(s.dataFile, m.hostOffset, out.length, out, 0, signal);
+    default:
+      return Promise.reject(corruption(bs, `unexpected subcluster type ${m.type}`));
+  }
+}
+
 /** Most sub-requests of one guest request kept in flight at once (QEMU's QCOW2_MAX_WORKERS). */
 const MAX_WORKERS = 8;
 
@@ -506,25 +528,16 @@ async function qcow2Preadv(bs: BlockNode, offset: number, bytes: number, buf: Ui
     const cur = offset + done;
     const m = await getHostOffset(s.mapping, cur, bytes - done);
     const n = m.bytes;
+    if (done === 0 && n === bytes) {
+      // One extent covers the whole request (the common case): no task bookkeeping.
+      await readExtent(bs, s, m, cur, buf.subarray(0, n), signal);
+      return;
+    }
     const out = buf.subarray(done, done + n);
-    switch (m.type) {
-      case SC.ZERO_PLAIN:
-      case SC.ZERO_ALLOC:
-        out.fill(0);
-        break;
-      case SC.UNALLOCATED_PLAIN:
-      case SC.UNALLOCATED_ALLOC:
-        if (bs.backing) await launch(bdrvPreadv(bs.backing, cur, n, out, 0, signal));
-        else out.fill(0);
-        break;
-      case SC.COMPRESSED:
-        await launch(readCompressed(bs, s, m.entryHi, m.entryLo, cur, n, out));
-        break;
-      case SC.NORMAL:
-        await launch(bdrvPreadv(s.dataFile, m.hostOffset, n, out, 0, signal));
-        break;
-      default:
-        throw corruption(bs, `unexpected subcluster type ${m.type}`);
+    if (m.type === SC.ZERO_PLAIN || m.type === SC.ZERO_ALLOC || ((m.type === SC.UNALLOCATED_PLAIN || m.type === SC.UNALLOCATED_ALLOC) && !bs.backing)) {
+      out.fill(0);
+    } else {
+      await launch(readExtent(bs, s, m, cur, out, signal));
     }
     done += n;
   }

@@ -217,3 +217,15 @@ describe('compression', () => {
     expect(() => compressCluster(COMPRESSION_TYPE.ZSTD, rnd, 4095)).toThrow(/zstd/);
   });
 });
+
+describe('kernel installation', () => {
+  it('swaps kernels and restores the references', async () => {
+    const { jsQcow2Kernels, qcow2Kernels, setQcow2Kernels } = await import('./kernels.ts');
+    let calls = 0;
+    setQcow2Kernels({ refcount: { get: (b, i, o) => { calls++; return jsRefcountKernel.get(b, i, o); }, set: jsRefcountKernel.set } });
+    qcow2Kernels().refcount.get(new Uint8Array(2), 0, 4);
+    expect(calls).toBe(1);
+    setQcow2Kernels(jsQcow2Kernels);
+    expect(qcow2Kernels()).toEqual(jsQcow2Kernels);
+  });
+});
