@@ -6,7 +6,7 @@ describe('nodeDrivers', () => {
   it('lists each driver once, with raw present as the probing fallback', () => {
     const names = nodeDrivers().map((d) => d.name);
     expect(new Set(names).size).toBe(names.length);
-    expect(names).toEqual(expect.arrayContaining(['file', 'memory', 'null-co', 'null-aio', 'raw']));
+    expect(names).toEqual(expect.arrayContaining(['file', 'memory', 'null-co', 'null-aio', 'raw', 'qcow2', 'blkdebug', 'copy-on-read', 'throttle']));
     const g = new Graph({ drivers: nodeDrivers() });
     expect(g.probeFormat(new Uint8Array(512), 'x').name).toBe('raw');
   });

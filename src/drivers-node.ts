@@ -4,6 +4,7 @@
  * Engineers adding a driver that runs in Node list it here.
  */
 import type { BlockDriver } from './core/driver.ts';
+import { filterDrivers } from './filters/index.ts';
 import { qcow2Driver } from './formats/qcow2/index.ts';
 import { rawDriver } from './formats/raw.ts';
 import { fileDriver } from './protocols/file.ts';
@@ -21,5 +22,7 @@ export function nodeDrivers(): BlockDriver[] {
     // formats
     rawDriver,
     qcow2Driver,
+    // filters
+    ...filterDrivers(),
   ];
 }
