@@ -144,12 +144,17 @@ describe('info', () => {
     ['-o', 'compression_type=zstd'],
     ['-o', 'data_file=INFO.data'],
     ['-o', 'data_file=INFORAW.data,data_file_raw=on'],
+    ['BITMAPS'],
   ];
   for (const v of variants) {
     it(`matches qemu-img info's format-specific data for ${v.join(' ') || 'defaults'}`, async () => {
       const img = `i-${n++}.qcow2`;
-      const args = v.map((a) => a.replace('INFO', img).replace('INFORAW', img));
+      const args = v.filter((a) => a !== 'BITMAPS').map((a) => a.replace('INFO', img).replace('INFORAW', img));
       qemuImg(tmp.dir, 'create', '-f', 'qcow2', ...args, img, '3M');
+      if (v.includes('BITMAPS')) {
+        qemuImg(tmp.dir, 'bitmap', '--add', img, 'b0');
+        qemuImg(tmp.dir, 'bitmap', '--add', '-g', '128k', '--disable', img, 'second');
+      }
       const q = JSON.parse(qemuImg(tmp.dir, 'info', '-f', 'qcow2', '--output=json', img)) as { 'virtual-size': number; 'cluster-size': number; 'format-specific': unknown; 'dirty-flag': boolean };
       const o = await openQcow2(tmp.path(img));
       try {

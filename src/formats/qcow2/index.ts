@@ -16,6 +16,7 @@ import { parseOptionValue } from '../../core/options.ts';
 import { BDRV_MAX_LENGTH, BLOCK, OPEN, ROLE, type BlockdevOptions, type BlockStatus } from '../../core/types.ts';
 import { CACHE_OPTIONS, computeCacheSizes, MetadataCache } from './cache.ts';
 import { getHostOffset, parseCompressedEntry, SC, type HostMapping, type L2Geometry, type MappingContext } from './cluster.ts';
+import { bitmapInfoList, readBitmapDirectory } from './bitmap.ts';
 import { decompressCluster } from './compress.ts';
 import { CREATE_OPTIONS, measureQcow2, qcow2Create } from './create.ts';
 import {
@@ -594,12 +595,15 @@ function notImplemented(bs: BlockNode): never {
 }
 
 /** QEMU's qcow2_get_specific_info, with the keys qemu-img info --output=json prints. */
-function specificInfo(bs: BlockNode): ImageInfoSpecific {
+async function specificInfo(bs: BlockNode): Promise<ImageInfoSpecific> {
   const s = state(bs);
   const h = s.header;
   const data: Record<string, unknown> = { compat: h.version === 2 ? '0.10' : '1.1', 'compression-type': COMPRESSION_TYPE_NAMES[h.compressionType] };
   if (h.version >= 3) {
     data['lazy-refcounts'] = (h.compatibleFeatures & COMPAT.LAZY_REFCOUNTS) !== 0n;
+  }
+  if (h.version >= 3 && s.ext.bitmaps) {
+    data.bitmaps = bitmapInfoList(await readBitmapDirectory(bs.file!, s.ext.bitmaps));
   }
   data['refcount-bits'] = 2 ** h.refcountOrder;
   if (h.version >= 3) {
