@@ -1,0 +1,31 @@
+// Shared by the launchers: wires the command to the real process (stdio, TTYs, signals, exit status).
+import { createInterface } from 'node:readline';
+
+/** Runs `name` (qblock-img or qblock-io) with `args` and exits with its status. */
+export async function run(name, args) {
+  const mod = name === 'qblock-img' ? await import('../src/cli/qblock-img.ts') : await import('../src/cli/qblock-io.ts');
+  const main = name === 'qblock-img' ? mod.qblockImg : mod.qblockIo;
+  const io = {
+    stdout: (s) => process.stdout.write(s),
+    stderr: (s) => process.stderr.write(s),
+    stderrIsTTY: Boolean(process.stderr.isTTY),
+    stdinIsTTY: Boolean(process.stdin.isTTY),
+    stdinLines: () => createInterface({ input: process.stdin, terminal: false })[Symbol.asyncIterator](),
+    raise: (sig) => {
+      process.kill(process.pid, sig);
+    },
+  };
+  let code;
+  try {
+    code = await main(args, io);
+  } catch (e) {
+    process.stderr.write(`${name}: internal error: ${e instanceof Error ? e.stack : String(e)}\n`);
+    code = 1;
+  }
+  // Let stdout drain before exiting; pipes may still hold buffered output.
+  process.exitCode = code;
+  if (code >= 128) {
+    // A raised signal should have ended us; if it was ignored, exit like the shell would report it.
+    process.exit(code);
+  }
+}
