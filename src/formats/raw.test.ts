@@ -281,3 +281,19 @@ describe('raw reopen', () => {
     expect(bs.state<RawNodeState>()).toEqual({ offset: 256, size: 1024, hasSize: true });
   });
 });
+
+describe('raw debug events', () => {
+  it('announces read_aio and write_aio on its file so blkdebug rules fire', async () => {
+    const name = store(4096);
+    const g = new Graph({ drivers: nodeDrivers() });
+    const blk = await BlockBackend.open(g, {
+      driver: 'raw',
+      file: { driver: 'blkdebug', image: { driver: 'memory', name }, 'inject-error': [{ event: 'read_aio', errno: 28, once: true }, { event: 'write_aio', errno: 5, once: true }] },
+    });
+    await expect(blk.read(0, 512)).rejects.toMatchObject({ code: 'ENOSPC' });
+    expect((await blk.read(0, 512)).length).toBe(512);
+    await expect(blk.pwrite(0, new Uint8Array(512))).rejects.toMatchObject({ code: 'EIO' });
+    await blk.pwrite(0, new Uint8Array(512));
+    await blk.close();
+  });
+});

@@ -12,7 +12,7 @@
 import { defaultChildPerms, type BdrvChild } from '../core/child.ts';
 import type { BlockDriver, BlockDriverInfo, CreateContext, MeasureInfo, ReopenState } from '../core/driver.ts';
 import { BlockError } from '../core/errors.ts';
-import { bdrvGetLength, bdrvPdiscard, bdrvPreadv, bdrvPwriteZeroes, bdrvPwritev, bdrvTruncate } from '../core/io.ts';
+import { bdrvDebugEvent, bdrvGetLength, bdrvPdiscard, bdrvPreadv, bdrvPwriteZeroes, bdrvPwritev, bdrvTruncate } from '../core/io.ts';
 import type { BlockNode } from '../core/node.ts';
 import type { CreateOptions } from '../core/options.ts';
 import { BLOCK, PERM, REQ, ROLE, type BlockdevOptions, type BlockStatus } from '../core/types.ts';
@@ -133,6 +133,7 @@ export const rawDriver: BlockDriver = {
 
   async preadv(bs, offset, bytes, buf, flags, signal) {
     const off = adjustOffset(bs, offset, bytes, false);
+    await bdrvDebugEvent(fileChild(bs).bs, 'read_aio');
     await bdrvPreadv(fileChild(bs), off, bytes, buf, flags, signal);
   },
 
@@ -148,6 +149,7 @@ export const rawDriver: BlockDriver = {
       if (drv !== bs.drv) throw new BlockError('EPERM', undefined, { node: bs.nodeName });
     }
     const off = adjustOffset(bs, offset, bytes, true);
+    await bdrvDebugEvent(fileChild(bs).bs, 'write_aio');
     await bdrvPwritev(fileChild(bs), off, bytes, data, flags, signal);
   },
 
