@@ -7,7 +7,9 @@ import type { BlockDriver } from './core/driver.ts';
 import { filterDrivers } from './filters/index.ts';
 import { qcow2Driver } from './formats/qcow2/index.ts';
 import { rawDriver } from './formats/raw.ts';
+import { blobDriver } from './protocols/blob.ts';
 import { fileDriver } from './protocols/file.ts';
+import { httpDriver } from './protocols/http.ts';
 import { memoryDriver } from './protocols/memory.ts';
 import { nullAioDriver, nullCoDriver } from './protocols/null.ts';
 
@@ -16,6 +18,8 @@ export function nodeDrivers(): BlockDriver[] {
   return [
     // protocols
     fileDriver,
+    httpDriver,
+    blobDriver,
     memoryDriver,
     nullCoDriver,
     nullAioDriver,
