@@ -321,3 +321,26 @@ describe('throttling', () => {
     await blk.close();
   });
 });
+
+describe('notifications and op blockers', () => {
+  it('tells the backend when its medium is resized', async () => {
+    const { blk } = await openStore({ size: 4096 });
+    const sizes: number[] = [];
+    blk.on('resize', (e) => sizes.push(e.size));
+    await blk.truncate(8192);
+    expect(sizes).toEqual([8192]);
+    expect(await blk.getLength()).toBe(8192);
+    await blk.close();
+  });
+
+  it('reports a blocked operation with its reason until unblocked', async () => {
+    const { blk } = await openStore();
+    const bs = blk.bs!;
+    bs.blockOp('resize', 'node is used by job job0');
+    expect(() => bs.checkOp('resize')).toThrow(`Node '${bs.nodeName}' is busy: node is used by job job0`);
+    expect(() => bs.checkOp('commit-source')).not.toThrow();
+    bs.unblockOp('resize', 'node is used by job job0');
+    expect(() => bs.checkOp('resize')).not.toThrow();
+    await blk.close();
+  });
+});

@@ -464,6 +464,60 @@ export function bdrvPwriteCompressed(child: BdrvChild, offset: number, buf: Uint
 }
 
 // ---------------------------------------------------------------------------
+// Copy offloading
+
+/**
+ * Copies a range from one node to another without passing the data through
+ * the caller (QEMU's bdrv_co_copy_range). ENOTSUP means the drivers cannot
+ * offload this pair; callers then fall back to read + write.
+ */
+export async function bdrvCopyRange(src: BdrvChild, srcOffset: number, dst: BdrvChild, dstOffset: number, bytes: number, readFlags = 0, writeFlags = 0): Promise<void> {
+  checkNode(src.bs);
+  checkNode(dst.bs);
+  checkRequest(srcOffset, bytes);
+  checkRequest(dstOffset, bytes);
+  checkWritePerm(dst, dstOffset, bytes, writeFlags);
+  if (bytes === 0) return;
+  const s = src.bs;
+  if (!s.drv.copyRangeFrom) {
+    if (s.filteredChild) return bdrvCopyRange(s.filteredChild, srcOffset, dst, dstOffset, bytes, readFlags, writeFlags);
+    throw new BlockError('ENOTSUP', undefined, { node: s.nodeName });
+  }
+  s.incInFlight();
+  const rreq = trackBegin(s, srcOffset, bytes, false);
+  try {
+    await waitSerialising(s, rreq);
+    await s.drv.copyRangeFrom(s, src, srcOffset, dst, dstOffset, bytes, readFlags, writeFlags);
+  } finally {
+    trackEnd(s, rreq);
+    s.decInFlight();
+  }
+}
+
+/** The destination half of a copy (QEMU's bdrv_co_copy_range_to): a source driver calls it to hand the copy to `dst`'s driver. */
+export async function bdrvCopyRangeTo(src: BdrvChild, srcOffset: number, dst: BdrvChild, dstOffset: number, bytes: number, readFlags = 0, writeFlags = 0): Promise<void> {
+  const d = dst.bs;
+  checkNode(d);
+  checkRequest(dstOffset, bytes);
+  checkWritePerm(dst, dstOffset, bytes, writeFlags);
+  if (!d.drv.copyRangeTo) {
+    if (d.filteredChild) return bdrvCopyRangeTo(src, srcOffset, d.filteredChild, dstOffset, bytes, readFlags, writeFlags);
+    throw new BlockError('ENOTSUP', undefined, { node: d.nodeName });
+  }
+  d.incInFlight();
+  const wreq = trackBegin(d, dstOffset, bytes, true);
+  try {
+    await waitSerialising(d, wreq);
+    await writeReqPrepare(d, dstOffset, bytes, writeFlags);
+    await d.drv.copyRangeTo(d, src, srcOffset, dst, dstOffset, bytes, readFlags, writeFlags);
+    writeReqFinish(d, dstOffset, bytes);
+  } finally {
+    trackEnd(d, wreq);
+    d.decInFlight();
+  }
+}
+
+// ---------------------------------------------------------------------------
 // Discard
 
 /**

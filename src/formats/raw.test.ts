@@ -7,7 +7,7 @@ import type { BdrvChild } from '../core/child.ts';
 import type { BlockDriver, CreateContext } from '../core/driver.ts';
 import { BlockError } from '../core/errors.ts';
 import { Graph } from '../core/graph.ts';
-import { bdrvBlockStatus, bdrvPreadv, bdrvPwritev } from '../core/io.ts';
+import { bdrvBlockStatus, bdrvCopyRange, bdrvPreadv, bdrvPwritev } from '../core/io.ts';
 import type { BlockNode } from '../core/node.ts';
 import { BLOCK, PERM, REQ, ROLE, type BlockdevOptions } from '../core/types.ts';
 import { nodeDrivers } from '../drivers-node.ts';
@@ -295,5 +295,32 @@ describe('raw debug events', () => {
     await expect(blk.pwrite(0, new Uint8Array(512))).rejects.toMatchObject({ code: 'EIO' });
     await blk.pwrite(0, new Uint8Array(512));
     await blk.close();
+  });
+});
+
+describe('copy offloading', () => {
+  it('copies raw-over-memory to raw-over-memory through the drivers, honouring raw offsets', async () => {
+    const a = store(8192, (i) => (i * 7) & 0xff);
+    const b = store(8192);
+    const g = new Graph({ drivers: nodeDrivers() });
+    const src = await BlockBackend.open(g, { driver: 'raw', offset: 1024, file: { driver: 'memory', name: a } }, { readOnly: true });
+    const dst = await BlockBackend.open(g, { driver: 'raw', file: { driver: 'memory', name: b } });
+    await bdrvCopyRange(src.rootChild!, 0, dst.rootChild!, 512, 2048);
+    const got = await dst.read(512, 2048);
+    const want = (await src.read(0, 2048));
+    expect(Buffer.compare(Buffer.from(got), Buffer.from(want))).toBe(0);
+    expect(want[0]).toBe((1024 * 7) & 0xff);
+    await src.close();
+    await dst.close();
+  });
+
+  it('answers ENOTSUP when the pair cannot offload, so callers fall back', async () => {
+    const a = store(4096);
+    const g = new Graph({ drivers: nodeDrivers() });
+    const src = await BlockBackend.open(g, { driver: 'null-co', size: 4096 }, { readOnly: true });
+    const dst = await BlockBackend.open(g, { driver: 'memory', name: a });
+    await expect(bdrvCopyRange(src.rootChild!, 0, dst.rootChild!, 0, 512)).rejects.toMatchObject({ code: 'ENOTSUP' });
+    await src.close();
+    await dst.close();
   });
 });

@@ -12,7 +12,7 @@
 import { defaultChildPerms, type BdrvChild } from '../core/child.ts';
 import type { BlockDriver, BlockDriverInfo, CreateContext, MeasureInfo, ReopenState } from '../core/driver.ts';
 import { BlockError } from '../core/errors.ts';
-import { bdrvDebugEvent, bdrvGetLength, bdrvPdiscard, bdrvPreadv, bdrvPwriteZeroes, bdrvPwritev, bdrvTruncate } from '../core/io.ts';
+import { bdrvCopyRange, bdrvCopyRangeTo, bdrvDebugEvent, bdrvGetLength, bdrvPdiscard, bdrvPreadv, bdrvPwriteZeroes, bdrvPwritev, bdrvTruncate } from '../core/io.ts';
 import type { BlockNode } from '../core/node.ts';
 import type { CreateOptions } from '../core/options.ts';
 import { BLOCK, PERM, REQ, ROLE, type BlockdevOptions, type BlockStatus } from '../core/types.ts';
@@ -151,6 +151,16 @@ export const rawDriver: BlockDriver = {
     const off = adjustOffset(bs, offset, bytes, true);
     await bdrvDebugEvent(fileChild(bs).bs, 'write_aio');
     await bdrvPwritev(fileChild(bs), off, bytes, data, flags, signal);
+  },
+
+  async copyRangeFrom(bs, _src, srcOffset, dst, dstOffset, bytes, readFlags, writeFlags) {
+    const off = adjustOffset(bs, srcOffset, bytes, false);
+    await bdrvCopyRange(fileChild(bs), off, dst, dstOffset, bytes, readFlags, writeFlags);
+  },
+
+  async copyRangeTo(bs, src, srcOffset, _dst, dstOffset, bytes, readFlags, writeFlags) {
+    const off = adjustOffset(bs, dstOffset, bytes, true);
+    await bdrvCopyRangeTo(src, srcOffset, fileChild(bs), off, bytes, readFlags, writeFlags);
   },
 
   async pwriteZeroes(bs, offset, bytes, flags) {

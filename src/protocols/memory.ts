@@ -15,6 +15,7 @@
  */
 import type { BlockDriver, CreateContext } from '../core/driver.ts';
 import { BlockError, throwIfAborted } from '../core/errors.ts';
+import { bdrvCopyRangeTo } from '../core/io.ts';
 import type { BlockNode } from '../core/node.ts';
 import type { CreateOptions } from '../core/options.ts';
 import { BLOCK, REQ, type BlockStatus, type PreallocMode } from '../core/types.ts';
@@ -304,6 +305,24 @@ export const memoryDriver: BlockDriver = {
     st.store.write(offset, buf.subarray(0, bytes));
     st.stats.writes++;
     st.stats.bytesWritten += bytes;
+  },
+
+  async copyRangeFrom(_bs, src, srcOffset, dst, dstOffset, bytes, readFlags, writeFlags) {
+    await bdrvCopyRangeTo(src, srcOffset, dst, dstOffset, bytes, readFlags, writeFlags);
+  },
+
+  async copyRangeTo(bs, src, srcOffset, _dst, dstOffset, bytes) {
+    // Offload only between memory stores: the bytes move without a caller buffer.
+    if (src.bs.drv !== memoryDriver) throw new BlockError('ENOTSUP', undefined, { node: bs.nodeName });
+    const from = state(src.bs).store;
+    const to = state(bs).store;
+    const chunk = new Uint8Array(Math.min(bytes, 1 << 20));
+    for (let done = 0; done < bytes; done += chunk.length) {
+      const n = Math.min(chunk.length, bytes - done);
+      from.read(srcOffset + done, chunk.subarray(0, n));
+      to.write(dstOffset + done, chunk.subarray(0, n));
+    }
+    state(bs).stats.writes++;
   },
 
   async pwriteZeroes(bs, offset, bytes, flags) {
