@@ -351,7 +351,7 @@ export async function writeNewImage(file: BlockNode, dataNode: BlockNode | null,
 
   if (p.dataFile === undefined) {
     if (p.preallocation === 'off') {
-      await growTo(w, lay.totalClusters * cs - (lay.dataClusters * cs), 'off');
+      await growTo(w, lay.totalClusters * cs, 'off');
     } else {
       const metaEnd = lay.dataOffset;
       await growTo(w, metaEnd, 'off');

@@ -164,7 +164,11 @@ export async function updateHeader(bs: BlockNode, s: Qcow2State): Promise<void> 
   if (s.imageBackingFile !== undefined) img.backingFile = s.imageBackingFile;
   const buf = serializeHeader(img);
   await bdrvPwritev(bs.file!, 0, buf.length, buf);
-  s.header.headerLength = s.header.version >= 3 ? HEADER_SIZE + s.header.unknownHeaderFields.length : s.header.headerLength;
+  // Keep the in-memory header in step with what was laid out (header length, backing name position).
+  const written = parseHeader(buf);
+  s.header.headerLength = written.headerLength;
+  s.header.backingFileOffset = written.backingFileOffset;
+  s.header.backingFileSize = written.backingFileSize;
 }
 
 async function qcow2Open(bs: BlockNode, options: Record<string, unknown>, flags: number): Promise<void> {

@@ -90,6 +90,8 @@ export async function openQcow2(path: string, opts: { readOnly?: boolean; option
     bs,
     child,
     close: async () => {
+      // The reader edge keeps the node from being a root; drop it so the node and its children close.
+      if (bs.parents.includes(child)) await graph.detachChild(child);
       await graph.closeAll();
     },
   };
