@@ -55,8 +55,6 @@ export function bdrvDebugEvent(bs: BlockNode | null | undefined, event: string):
 // Tracked requests
 
 function trackBegin(bs: BlockNode, offset: number, bytes: number, isWrite: boolean): TrackedRequest {
-  let resolve!: () => void;
-  const done = new Promise<void>((r) => (resolve = r));
   const req: TrackedRequest = {
     seq: bs.nextRequestSeq++,
     offset,
@@ -65,8 +63,9 @@ function trackBegin(bs: BlockNode, offset: number, bytes: number, isWrite: boole
     overlapBytes: bytes,
     serialising: false,
     isWrite,
-    done,
-    resolve,
+    done: null,
+    resolve: null,
+    finished: false,
   };
   bs.trackedRequests.add(req);
   return req;
@@ -74,7 +73,8 @@ function trackBegin(bs: BlockNode, offset: number, bytes: number, isWrite: boole
 
 function trackEnd(bs: BlockNode, req: TrackedRequest): void {
   bs.trackedRequests.delete(req);
-  req.resolve();
+  req.finished = true;
+  req.resolve?.();
 }
 
 /** Widens the request's protected range to `align` and makes overlapping requests wait for it (QEMU's bdrv_make_request_serialising). */
@@ -84,6 +84,13 @@ function makeSerialising(req: TrackedRequest, align: number): void {
   req.serialising = true;
   req.overlapOffset = Math.min(start, req.overlapOffset);
   req.overlapBytes = Math.max(end, req.overlapOffset + req.overlapBytes) - req.overlapOffset;
+}
+
+/** Resolves when `req` ends; the promise is made on first demand. */
+function waitFor(req: TrackedRequest): Promise<void> {
+  if (req.finished) return Promise.resolve();
+  if (!req.done) req.done = new Promise<void>((r) => (req.resolve = r));
+  return req.done;
 }
 
 function overlaps(a: TrackedRequest, b: TrackedRequest): boolean {
@@ -103,7 +110,7 @@ async function waitSerialising(bs: BlockNode, req: TrackedRequest): Promise<void
       if (overlaps(req, other)) { conflict = other; break; }
     }
     if (!conflict) return;
-    await conflict.done;
+    await waitFor(conflict);
   }
 }
 

@@ -18,8 +18,10 @@ export interface TrackedRequest {
   overlapBytes: number;
   serialising: boolean;
   isWrite: boolean;
-  done: Promise<void>;
-  resolve: () => void;
+  /** Created only when another request has to wait for this one, so the common path allocates no promise. */
+  done: Promise<void> | null;
+  resolve: (() => void) | null;
+  finished: boolean;
 }
 
 /** Called before every write reaches the driver; may throw to fail the write (QEMU's before_write_notifiers). */
