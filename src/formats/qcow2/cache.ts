@@ -26,6 +26,20 @@ interface Entry {
   refs: number;
 }
 
+/**
+ * Makes the buffer of an entry loaded from storage. The wasm kernels install
+ * one that places entries in linear memory so they work on them in place
+ * (src/kernels/pool.ts); a buffer stays valid for as long as it is referenced.
+ */
+export type CacheBufferAllocator = (size: number) => Uint8Array;
+
+let allocateEntry: CacheBufferAllocator = (size) => new Uint8Array(size);
+
+/** Installs the allocator for entry buffers loaded from now on (loadKernels does). */
+export function setCacheBufferAllocator(a: CacheBufferAllocator): void {
+  allocateEntry = a;
+}
+
 /** Writes a dirty entry back; supplied by the write path. */
 export type CacheWriter = (offset: number, buf: Uint8Array) => Promise<void>;
 
@@ -36,6 +50,14 @@ export class MetadataCache {
   /** Loads from storage (counts only; for tests and stats). */
   misses = 0;
   hits = 0;
+  /**
+   * Called when every entry is dirty or pinned and one must go: the write
+   * path writes dirty entries back in dependency order here (QEMU's
+   * qcow2_cache_do_get flushing the cache), after which clean entries can be
+   * evicted. Not called again while it runs.
+   */
+  onFull: (() => Promise<void>) | undefined = undefined;
+  private flushingForRoom = false;
 
   constructor(
     /** 'l2' or 'refcount', for messages. */
@@ -70,7 +92,7 @@ export class MetadataCache {
     if (pending) return pending;
     const p = (async () => {
       this.misses++;
-      const buf = new Uint8Array(this.entrySize);
+      const buf = allocateEntry(this.entrySize);
       await load(buf);
       await this.makeRoom();
       this.entries.set(offset, { buf, dirty: false, used: true, refs: 0 });
@@ -116,6 +138,17 @@ export class MetadataCache {
   release(offset: number): void {
     const e = this.entries.get(offset);
     if (e && e.refs > 0) e.refs--;
+  }
+
+  /** Whether any entry waits to be written back. */
+  get hasDirty(): boolean {
+    for (const e of this.entries.values()) if (e.dirty) return true;
+    return false;
+  }
+
+  /** Forgets every entry, dirty ones included (after a failed image or when the state is rebuilt). */
+  clear(): void {
+    this.entries.clear();
   }
 
   /** Marks a cached entry as modified; flush() writes it back. */
@@ -164,6 +197,12 @@ export class MetadataCache {
     this.entries.delete(offset);
   }
 
+  /** Drops every entry whose offset lies in [offset, offset+length) (the slices of a freed cluster). */
+  discardRange(offset: number, length: number): void {
+    // Entries sit at multiples of the entry size inside the range, so probing those is enough.
+    for (let off = offset; off < offset + length; off += this.entrySize) this.entries.delete(off);
+  }
+
   private touch(offset: number, e: Entry): void {
     e.used = true;
     // Map iteration order is insertion order: re-inserting moves the entry to the young end.
@@ -173,12 +212,23 @@ export class MetadataCache {
 
   /** Evicts the oldest clean, unpinned entry when full. Dirty entries need the write path: refuse rather than lose them. */
   private async makeRoom(): Promise<void> {
+    let flushed = false;
     while (this.entries.size >= this.maxEntries) {
       let victim: number | undefined;
       for (const [off, e] of this.entries) {
         if (!e.dirty && e.refs === 0) { victim = off; break; }
       }
       if (victim === undefined) {
+        if (this.onFull && !flushed && !this.flushingForRoom && this.hasDirty) {
+          flushed = true;
+          this.flushingForRoom = true;
+          try {
+            await this.onFull();
+          } finally {
+            this.flushingForRoom = false;
+          }
+          continue;
+        }
         throw new BlockError('ENOSPC', `${this.name} cache is full of pinned or dirty entries`);
       }
       this.entries.delete(victim);

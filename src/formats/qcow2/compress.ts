@@ -75,20 +75,35 @@ export function decompressCluster(type: number, src: Uint8Array, dst: Uint8Array
   throw new BlockError('ENOTSUP', `qcow2: unknown compression type: ${type}`);
 }
 
+/** The zstd compressor (wasm), loaded on first use so readers never pay for it. */
+interface ZstdCompressor {
+  compress(data: Uint8Array, level?: number): Uint8Array;
+}
+let zstdLoad: Promise<ZstdCompressor> | undefined;
+
+function zstd(): Promise<ZstdCompressor> {
+  zstdLoad ??= import('@hpcc-js/wasm-zstd').then((m) => m.Zstd.load()).catch((e: unknown) => {
+    zstdLoad = undefined;
+    throw new BlockError('ENOTSUP', `qcow2: zstd compression is unavailable: ${e instanceof Error ? e.message : String(e)}`);
+  });
+  return zstdLoad;
+}
+
 /**
  * Compresses one cluster for writing (QEMU's qcow2_co_compress): returns the
- * compressed bytes, or null when they would not be smaller than `maxLen`
- * (the caller then writes the cluster uncompressed). zstd compression has no
- * JS implementation here yet, so it throws ENOTSUP.
+ * compressed bytes, or null when they would not fit in `maxLen` bytes (the
+ * caller then writes the cluster uncompressed, as QEMU does on -ENOMEM).
  */
-export function compressCluster(type: number, src: Uint8Array, maxLen: number): Uint8Array | null {
+export async function compressCluster(type: number, src: Uint8Array, maxLen: number): Promise<Uint8Array | null> {
   if (type === COMPRESSION_TYPE.ZLIB) {
     // QEMU: deflateInit2(Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY).
     const out = deflateRaw(src, { level: -1, windowBits: 12, memLevel: 9 });
     return out.length > maxLen ? null : out;
   }
   if (type === COMPRESSION_TYPE.ZSTD) {
-    throw new BlockError('ENOTSUP', 'qcow2: writing zstd-compressed clusters is not supported');
+    // QEMU compresses with ZSTD_compressStream2 at the default level (3) into one frame.
+    const out = (await zstd()).compress(src, 3);
+    return out.length > maxLen ? null : out;
   }
   throw new BlockError('ENOTSUP', `qcow2: unknown compression type: ${type}`);
 }

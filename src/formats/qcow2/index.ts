@@ -2,18 +2,18 @@
  * The qcow2 format driver (QEMU's block/qcow2.c): probe, open with QEMU's
  * validation, the read path (data, zero, unallocated → backing or zeroes,
  * compressed, extended L2 subclusters, external data files), block status,
- * info, measure and create. Writes are not implemented yet: a read-write open
- * of a healthy image works, but every modifying request fails with ENOTSUP.
+ * info, measure and create; the write path lives in write.ts (allocation and
+ * writeback in alloc.ts, check and repair in check.ts).
  */
 import type { BdrvChild } from '../../core/child.ts';
-import type { BlockDriver, BlockDriverInfo, ImageInfoSpecific, MeasureInfo, ReopenState, SnapshotInfo } from '../../core/driver.ts';
+import { CHECK_FIX, type BlockDriver, type BlockDriverInfo, type CheckResult, type ImageInfoSpecific, type MeasureInfo, type ReopenState, type SnapshotInfo } from '../../core/driver.ts';
 import { BlockError, toBlockError } from '../../core/errors.ts';
 import type { ImplicitOpenRequest } from '../../core/graph.ts';
-import { bdrvBlockStatusAbove, bdrvGetLength, bdrvPread, bdrvPreadv, bdrvPwritev, refreshTotalBytes } from '../../core/io.ts';
+import { bdrvBlockStatusAbove, bdrvDebugEvent, bdrvGetLength, bdrvPread, bdrvPreadv, refreshTotalBytes } from '../../core/io.ts';
 import type { BlockNode } from '../../core/node.ts';
 import type { CreateOptions, OptionSpec } from '../../core/options.ts';
 import { parseOptionValue } from '../../core/options.ts';
-import { BDRV_MAX_LENGTH, BLOCK, OPEN, ROLE, type BlockdevOptions, type BlockStatus } from '../../core/types.ts';
+import { BDRV_MAX_LENGTH, BLOCK, OPEN, REQ, ROLE, type BlockdevOptions, type BlockStatus } from '../../core/types.ts';
 import { CACHE_OPTIONS, computeCacheSizes, MetadataCache } from './cache.ts';
 import { getHostOffset, parseCompressedEntry, SC, type HostMapping, type L2Geometry, type MappingContext } from './cluster.ts';
 import { bitmapInfoList, readBitmapDirectory } from './bitmap.ts';
@@ -40,46 +40,14 @@ import {
 } from './header.ts';
 import { RefcountState } from './refcount.ts';
 import { readSnapshots, type Qcow2Snapshot } from './snapshot.ts';
+import { barrier, flushRefblocks, markClean, writeback, writeHeaderRaw } from './alloc.ts';
+import { qcow2Check } from './check.ts';
+import { qcow2Preadv } from './read.ts';
+import { corruption, Mutex, OL_TEMPLATES, state, type Qcow2State } from './state.ts';
+import { qcow2Pdiscard, qcow2Pwritev, qcow2PwritevCompressed, qcow2PwriteZeroes, qcow2Truncate } from './write.ts';
 
-/** Per-node state of an open qcow2 image (QEMU's BDRVQcow2State, read side). */
-export interface Qcow2State {
-  header: Qcow2Header;
-  ext: Qcow2Extensions;
-  clusterBits: number;
-  clusterSize: number;
-  subclusterBits: number;
-  subclusterSize: number;
-  subclustersPerCluster: number;
-  /** L2 entries per table (l2_size). */
-  l2Entries: number;
-  l2EntryBytes: number;
-  /** Index of the first L1 entry past the disk: the VM state area (l1_vm_state_index). */
-  l1VmStateIndex: number;
-  l1: Uint8Array;
-  l2Cache: MetadataCache;
-  refcountCache: MetadataCache;
-  refcount: RefcountState;
-  /** Where guest data lives: the data-file child, or bs.file. */
-  dataFile: BdrvChild;
-  hasDataFile: boolean;
-  /** Backing file name as stored in the image (image_backing_file). */
-  imageBackingFile?: string;
-  snapshots: Qcow2Snapshot[];
-  snapshotsSize: number;
-  mapping: MappingContext;
-  /** Result of QEMU's metadata-preallocation detection, computed on first block-status. */
-  metadataPreallocation?: boolean;
-  cleanTimer?: ReturnType<typeof setInterval>;
-  lazyRefcounts: boolean;
-  /** Driver options the caches were sized from, for reopen to merge changes into. */
-  runtimeOptions: Record<string, unknown>;
-  /** Seconds between cache cleanings (0 = never). */
-  cleanInterval: number;
-  /** Last decompressed cluster, keyed by its descriptor, so small sequential reads inflate once. */
-  lastCompressed?: { hi: number; lo: number; data: Uint8Array };
-}
-
-const WRITE_NOT_IMPLEMENTED = 'qcow2: writes are not implemented yet; open the image read-only';
+export type { Qcow2State } from './state.ts';
+export { setQcow2Kernels, jsQcow2Kernels, qcow2Kernels, type Qcow2Kernels } from './kernels.ts';
 
 /** Overlap-check templates QEMU accepts. */
 const OVERLAP_TEMPLATES = ['none', 'constant', 'cached', 'all'];
@@ -97,19 +65,15 @@ const RUNTIME_OPTIONS: readonly OptionSpec[] = [
   { name: 'encrypt.key-secret', type: 'string', help: 'ID of secret providing qcow2 AES key or LUKS passphrase' },
 ];
 
-function state(bs: BlockNode): Qcow2State {
-  const s = bs.opaque as Qcow2State | undefined;
-  if (!s) throw new BlockError('ENOMEDIUM', undefined, { node: bs.nodeName });
-  return s;
+/** Behaviour chosen by runtime options. */
+interface RuntimeChoices {
+  lazy: boolean;
+  overlapCheck: number;
+  discard: { request: boolean; snapshot: boolean; other: boolean };
 }
 
-/** QEMU's qcow2_signal_corruption for the read side: the request fails with EIO and the message QEMU prints. */
-function corruption(bs: BlockNode, message: string): BlockError {
-  return new BlockError('EIO', `qcow2: Image is corrupt: ${message}`, { node: bs.nodeName });
-}
-
-/** Validates the options QEMU checks in qcow2_update_options_prepare that do not size the caches. */
-function checkRuntimeOptions(opts: Record<string, unknown>, version: number, compatibleFeatures: bigint): boolean {
+/** Validates the options QEMU checks in qcow2_update_options_prepare that do not size the caches, and resolves them. */
+function checkRuntimeOptions(opts: Record<string, unknown>, version: number, compatibleFeatures: bigint): RuntimeChoices {
   const boolOpt = (name: string): boolean | undefined => {
     const v = opts[name];
     if (v === undefined) return undefined;
@@ -128,8 +92,19 @@ function checkRuntimeOptions(opts: Record<string, unknown>, version: number, com
   if (!OVERLAP_TEMPLATES.includes(tmpl)) {
     throw new BlockError('EINVAL', `Unsupported value '${tmpl}' for qcow2 option 'overlap-check'. Allowed are any of the following: none, constant, cached, all`);
   }
-  for (const n of ['pass-discard-request', 'pass-discard-snapshot', 'pass-discard-other', ...OVERLAP_BOOLS.map((b) => `overlap-check.${b}`)]) boolOpt(n);
-  return lazy;
+  let overlapCheck = OL_TEMPLATES[tmpl]!;
+  OVERLAP_BOOLS.forEach((b, bit) => {
+    const v = boolOpt(`overlap-check.${b}`);
+    if (v === true) overlapCheck |= 1 << bit;
+    else if (v === false) overlapCheck &= ~(1 << bit);
+  });
+  // QEMU's defaults: guest discards and snapshot deletion reach the file, other frees do not.
+  const discard = {
+    request: boolOpt('pass-discard-request') ?? true,
+    snapshot: boolOpt('pass-discard-snapshot') ?? true,
+    other: boolOpt('pass-discard-other') ?? false,
+  };
+  return { lazy, overlapCheck, discard };
 }
 
 /** Reads exactly `len` bytes at `offset` of the file into a fresh buffer, prefixing errors with `what`. */
@@ -160,15 +135,8 @@ async function openImageDataFile(bs: BlockNode, name: string): Promise<BdrvChild
 
 /** Writes the header cluster from the in-memory state (QEMU's qcow2_update_header). */
 export async function updateHeader(bs: BlockNode, s: Qcow2State): Promise<void> {
-  const img: Parameters<typeof serializeHeader>[0] = { header: s.header, extensions: s.ext, writeDataFile: s.hasDataFile };
-  if (s.imageBackingFile !== undefined) img.backingFile = s.imageBackingFile;
-  const buf = serializeHeader(img);
-  await bdrvPwritev(bs.file!, 0, buf.length, buf);
-  // Keep the in-memory header in step with what was laid out (header length, backing name position).
-  const written = parseHeader(buf);
-  s.header.headerLength = written.headerLength;
-  s.header.backingFileOffset = written.backingFileOffset;
-  s.header.backingFileSize = written.backingFileSize;
+  void bs;
+  await writeHeaderRaw(s);
 }
 
 async function qcow2Open(bs: BlockNode, options: Record<string, unknown>, flags: number): Promise<void> {
@@ -235,7 +203,7 @@ async function qcow2Open(bs: BlockNode, options: Record<string, unknown>, flags:
 
   const virtualSize = Math.floor(h.size / 512) * 512;
   const sizes = computeCacheSizes(options, clusterSize, virtualSize, l2EntryBytes);
-  const lazyRefcounts = checkRuntimeOptions(options, h.version, h.compatibleFeatures);
+  const choices = checkRuntimeOptions(options, h.version, h.compatibleFeatures);
   const l2Cache = new MetadataCache('l2', sizes.l2Entries, sizes.l2EntrySize);
   const refcountCache = new MetadataCache('refcount', sizes.refcountEntries, clusterSize);
 
@@ -287,9 +255,6 @@ async function qcow2Open(bs: BlockNode, options: Record<string, unknown>, flags:
   if (rw && ext.bitmaps && !(flags & OPEN.INACTIVE)) {
     throw new BlockError('ENOTSUP', 'qcow2: images with persistent dirty bitmaps can only be opened read-only (bitmap support is not implemented yet)');
   }
-  if (rw && !check && h.incompatibleFeatures & INCOMPAT.DIRTY) {
-    throw new BlockError('ENOTSUP', 'Could not repair dirty image: refcount repair (qemu-img check -r) is not implemented yet; open the image read-only');
-  }
 
   const geometry: L2Geometry = { clusterBits: h.clusterBits, subclusterBits: Math.log2(subclusterSize), extended: extendedL2, hasDataFile };
   const l2SliceEntries = sizes.l2EntrySize / l2EntryBytes;
@@ -312,7 +277,18 @@ async function qcow2Open(bs: BlockNode, options: Record<string, unknown>, flags:
     hasDataFile,
     snapshots,
     snapshotsSize,
-    lazyRefcounts,
+    lazyRefcounts: choices.lazy,
+    lock: new Mutex(),
+    freeClusterIndex: 0,
+    freeByteOffset: 0,
+    pendingFrees: [],
+    l1Dirty: new Set(),
+    discardPassthrough: choices.discard,
+    overlapCheck: choices.overlapCheck,
+    broken: false,
+    dirtyMarked: false,
+    committing: false,
+    bs,
     runtimeOptions: pickRuntimeOptions(options),
     cleanInterval: sizes.cleanInterval,
     mapping: {
@@ -327,6 +303,8 @@ async function qcow2Open(bs: BlockNode, options: Record<string, unknown>, flags:
         s.l2Cache.get(offset, async (buf) => {
           // A table past the end of the file would read as zeroes and silently hide data: refuse it.
           if (offset >= (await bdrvGetLength(file.bs))) throw corruption(bs, describe());
+          const e = bdrvDebugEvent(file.bs, 'l2_load');
+          if (e) await e;
           await bdrvPreadv(file, offset, buf.length, buf);
         }),
       corruption: (m) => corruption(bs, m),
@@ -334,6 +312,19 @@ async function qcow2Open(bs: BlockNode, options: Record<string, unknown>, flags:
   };
   if (imageBackingFile !== undefined) s.imageBackingFile = imageBackingFile;
   bs.opaque = s;
+  installCacheHooks(s);
+
+  if (rw && !check && h.incompatibleFeatures & INCOMPAT.DIRTY) {
+    // Refcounts may be stale after a crash with lazy refcounts: repair before anything is written (QEMU does the same).
+    let res: CheckResult;
+    try {
+      res = await s.lock.run(() => qcow2Check(bs, s, CHECK_FIX.LEAKS | CHECK_FIX.ERRORS));
+    } catch (e) {
+      const be = toBlockError(e);
+      throw new BlockError(be.code, `Could not repair dirty image: ${be.message}`, { cause: e });
+    }
+    if (res.checkErrors > 0) throw new BlockError('EIO', 'Could not repair dirty image: Input/output error');
+  }
 
   if (needHeaderUpdate && rw) {
     // Unknown autoclear bits must go: a program that does not know them may have invalidated what they describe.
@@ -350,9 +341,16 @@ async function qcow2Open(bs: BlockNode, options: Record<string, unknown>, flags:
   bs.backingFile = imageBackingFile ?? '';
   bs.backingFormat = ext.backingFormat ?? '';
   bs.totalBytes = virtualSize;
-  bs.supportedZeroFlags = 0;
-  bs.supportedTruncateFlags = 0;
+  bs.supportedZeroFlags = h.version >= 3 ? REQ.MAY_UNMAP : 0;
+  bs.supportedTruncateFlags = h.version >= 3 ? REQ.ZERO_WRITE : 0;
   startCleanTimer(s);
+}
+
+/** Lets full caches write themselves back in dependency order instead of failing. */
+function installCacheHooks(s: Qcow2State): void {
+  // Refcount blocks may always go to disk early: that leaks clusters at worst.
+  s.refcountCache.onFull = () => flushRefblocks(s);
+  s.l2Cache.onFull = () => writeback(s);
 }
 
 /** Keeps the options that size caches or tune behaviour, so a reopen can merge new ones into them. */
@@ -379,7 +377,7 @@ function startCleanTimer(s: Qcow2State): void {
 interface Qcow2Reopen {
   options: Record<string, unknown>;
   sizes: ReturnType<typeof computeCacheSizes>;
-  lazyRefcounts: boolean;
+  choices: RuntimeChoices;
 }
 
 /** Checks a reopen (QEMU's qcow2_reopen_prepare): new cache options, and whether the image may become writable. */
@@ -397,24 +395,36 @@ async function qcow2ReopenPrepare(rs: ReopenState): Promise<void> {
     if (rs.options['refcount-cache-size'] === undefined) delete options['refcount-cache-size'];
   }
   const sizes = computeCacheSizes(options, s.clusterSize, bs.totalBytes, s.l2EntryBytes);
-  const lazyRefcounts = checkRuntimeOptions(options, h.version, h.compatibleFeatures);
+  const choices = checkRuntimeOptions(options, h.version, h.compatibleFeatures);
   if (!rs.readOnly && bs.readOnly) {
     if (h.incompatibleFeatures & INCOMPAT.CORRUPT) throw new BlockError('EACCES', 'qcow2: Image is corrupt; cannot be opened read/write');
     if (h.incompatibleFeatures & INCOMPAT.DIRTY) {
-      throw new BlockError('ENOTSUP', 'Could not repair dirty image: refcount repair (qemu-img check -r) is not implemented yet; open the image read-only');
+      // The repair needs write access to the file, which a node being reopened does not have yet.
+      throw new BlockError('ENOTSUP', 'Could not repair dirty image: open the image read-write (not through a reopen) to repair its refcounts');
     }
     if (s.ext.bitmaps) throw new BlockError('ENOTSUP', 'qcow2: images with persistent dirty bitmaps can only be opened read-only (bitmap support is not implemented yet)');
   }
-  const r: Qcow2Reopen = { options, sizes, lazyRefcounts };
+  if (!bs.readOnly && !s.broken) {
+    // Everything cached goes to disk first: the caches may be replaced, or the image become read-only.
+    await s.lock.run(async () => {
+      await writeback(s);
+      await barrier(s);
+      if (rs.readOnly && s.dirtyMarked) await markClean(s);
+    });
+  }
+  const r: Qcow2Reopen = { options, sizes, choices };
   rs.opaque = r;
 }
 
-/** Applies a prepared reopen: new caches when their geometry changed (they hold no unwritten entries while writes are unimplemented). */
+/** Applies a prepared reopen: new caches when their geometry changed (prepare wrote every dirty entry back). */
 function qcow2ReopenCommit(rs: ReopenState): void {
   const s = state(rs.bs);
   const r = rs.opaque as Qcow2Reopen;
   s.runtimeOptions = r.options;
-  s.lazyRefcounts = r.lazyRefcounts;
+  s.lazyRefcounts = r.choices.lazy;
+  s.overlapCheck = r.choices.overlapCheck;
+  s.discardPassthrough = r.choices.discard;
+  s.bs.supportedZeroFlags = !rs.readOnly && s.header.version >= 3 ? REQ.MAY_UNMAP : 0;
   if (r.sizes.l2Entries !== s.l2Cache.maxEntries || r.sizes.l2EntrySize !== s.l2Cache.entrySize) {
     s.l2Cache = new MetadataCache('l2', r.sizes.l2Entries, r.sizes.l2EntrySize);
     s.mapping.l2SliceEntries = r.sizes.l2EntrySize / s.l2EntryBytes;
@@ -427,6 +437,7 @@ function qcow2ReopenCommit(rs: ReopenState): void {
     s.cleanInterval = r.sizes.cleanInterval;
     startCleanTimer(s);
   }
+  installCacheHooks(s);
 }
 
 /**
@@ -468,86 +479,6 @@ async function qcow2InvalidateCache(bs: BlockNode): Promise<void> {
   s.refcount.table = reftable;
   s.refcount.tableOffset = h.refcountTableOffset;
   bs.totalBytes = Math.floor(h.size / 512) * 512;
-}
-
-/** Reads one compressed cluster's data and copies the wanted part (QEMU's qcow2_co_preadv_compressed). */
-async function readCompressed(bs: BlockNode, s: Qcow2State, hi: number, lo: number, offset: number, bytes: number, out: Uint8Array): Promise<void> {
-  let data: Uint8Array;
-  const last = s.lastCompressed;
-  if (last && last.hi === hi && last.lo === lo) {
-    data = last.data;
-  } else {
-    const { offset: coffset, size } = parseCompressedEntry(hi, lo, s.clusterBits);
-    const src = await bdrvPread(bs.file!, coffset, size);
-    data = new Uint8Array(s.clusterSize);
-    try {
-      decompressCluster(s.header.compressionType, src, data);
-    } catch (e) {
-      throw new BlockError('EIO', toBlockError(e).message, { node: bs.nodeName, cause: e });
-    }
-    s.lastCompressed = { hi, lo, data };
-  }
-  const inCluster = offset % s.clusterSize;
-  out.set(data.subarray(inCluster, inCluster + bytes));
-}
-
-/** Reads one mapped extent into `out` (QEMU's qcow2_co_preadv_task plus the zero cases of qcow2_co_preadv_part). */
-function readExtent(bs: BlockNode, s: Qcow2State, m: HostMapping, cur: number, out: Uint8Array, signal?: AbortSignal): Promise<void> {
-  switch (m.type) {
-    case SC.ZERO_PLAIN:
-    case SC.ZERO_ALLOC:
-      out.fill(0);
-      return Promise.resolve();
-    case SC.UNALLOCATED_PLAIN:
-    case SC.UNALLOCATED_ALLOC:
-      if (bs.backing) return bdrvPreadv(bs.backing, cur, out.length, out, 0, signal);
-      out.fill(0);
-      return Promise.resolve();
-    case SC.COMPRESSED:
-      return readCompressed(bs, s, m.entryHi, m.entryLo, cur, out.length, out);
-    case SC.NORMAL:
-      return bdrvPreadv(s.dataFile, m.hostOffset, out.length, out, 0, signal);
-    default:
-      return Promise.reject(corruption(bs, `unexpected subcluster type ${m.type}`));
-  }
-}
-
-/** Most sub-requests of one guest request kept in flight at once (QEMU's QCOW2_MAX_WORKERS). */
-const MAX_WORKERS = 8;
-
-async function qcow2Preadv(bs: BlockNode, offset: number, bytes: number, buf: Uint8Array, _flags: number, signal?: AbortSignal): Promise<void> {
-  const s = state(bs);
-  const inflight = new Set<Promise<void>>();
-  let failure: unknown;
-  let done = 0;
-  const launch = async (p: Promise<void>): Promise<void> => {
-    const tracked = p.then(
-      () => { inflight.delete(tracked); },
-      (e: unknown) => { inflight.delete(tracked); failure ??= e; },
-    );
-    inflight.add(tracked);
-    if (inflight.size >= MAX_WORKERS) await Promise.race(inflight);
-  };
-  while (done < bytes && failure === undefined) {
-    if (signal?.aborted) throw new BlockError('ECANCELED');
-    const cur = offset + done;
-    const m = await getHostOffset(s.mapping, cur, bytes - done);
-    const n = m.bytes;
-    if (done === 0 && n === bytes) {
-      // One extent covers the whole request (the common case): no task bookkeeping.
-      await readExtent(bs, s, m, cur, buf.subarray(0, n), signal);
-      return;
-    }
-    const out = buf.subarray(done, done + n);
-    if (m.type === SC.ZERO_PLAIN || m.type === SC.ZERO_ALLOC || ((m.type === SC.UNALLOCATED_PLAIN || m.type === SC.UNALLOCATED_ALLOC) && !bs.backing)) {
-      out.fill(0);
-    } else {
-      await launch(readExtent(bs, s, m, cur, out, signal));
-    }
-    done += n;
-  }
-  await Promise.all(inflight);
-  if (failure !== undefined) throw failure;
 }
 
 /**
@@ -594,10 +525,6 @@ async function qcow2BlockStatus(bs: BlockNode, _wantZero: boolean, offset: numbe
   return st;
 }
 
-function notImplemented(bs: BlockNode): never {
-  throw new BlockError('ENOTSUP', WRITE_NOT_IMPLEMENTED, { node: bs.nodeName });
-}
-
 /** QEMU's qcow2_get_specific_info, with the keys qemu-img info --output=json prints. */
 async function specificInfo(bs: BlockNode): Promise<ImageInfoSpecific> {
   const s = state(bs);
@@ -639,7 +566,18 @@ export const qcow2Driver: BlockDriver = {
     const s = bs.opaque as Qcow2State | undefined;
     if (!s) return;
     if (s.cleanTimer !== undefined) clearInterval(s.cleanTimer);
-    bs.opaque = undefined;
+    try {
+      if (!bs.readOnly && !s.broken && bs.file) {
+        // A clean close leaves nothing pending and, with lazy refcounts, the dirty bit cleared (QEMU's qcow2_inactivate).
+        await s.lock.run(async () => {
+          await writeback(s);
+          await barrier(s);
+          if (s.dirtyMarked) await markClean(s);
+        });
+      }
+    } finally {
+      bs.opaque = undefined;
+    }
   },
 
   refreshLimits(bs) {
@@ -651,11 +589,22 @@ export const qcow2Driver: BlockDriver = {
 
   preadv: qcow2Preadv,
 
-  async pwritev(bs) { notImplemented(bs); },
-  async pwritevCompressed(bs) { notImplemented(bs); },
-  async pwriteZeroes(bs) { notImplemented(bs); },
-  async pdiscard(bs) { notImplemented(bs); },
-  async truncate(bs) { notImplemented(bs); },
+  pwritev: (bs, offset, bytes, buf) => qcow2Pwritev(bs, offset, bytes, buf),
+  pwritevCompressed: qcow2PwritevCompressed,
+  pwriteZeroes: qcow2PwriteZeroes,
+  pdiscard: qcow2Pdiscard,
+  truncate: qcow2Truncate,
+
+  async flushToOs(bs) {
+    const s = state(bs);
+    if (bs.readOnly || s.broken) return;
+    await s.lock.run(() => writeback(s));
+  },
+
+  async check(bs, fix) {
+    const s = state(bs);
+    return s.lock.run(() => qcow2Check(bs, s, fix));
+  },
 
   blockStatus: qcow2BlockStatus,
 

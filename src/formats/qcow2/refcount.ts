@@ -8,10 +8,10 @@
  * byte (qcow2.txt: "refcount_bits < 8 ... bit 0 is the first refcount"); 16,
  * 32 and 64-bit refcounts are big-endian.
  *
- * The write path will add: setRefcount via the kernel's set + markDirty, the
- * refcount-table growth of alloc_refcount_block, and the free-cluster search;
- * RefcountState already keeps the table as raw on-disk bytes so single entries
- * can be written back in place.
+ * The write side (alloc.ts) sets entries through the kernel's set, grows the
+ * table and searches free clusters with the kernel's findZero; RefcountState
+ * keeps the table as raw on-disk bytes so single entries are written back in
+ * place.
  */
 import { BlockError } from '../../core/errors.ts';
 import type { BdrvChild } from '../../core/child.ts';
@@ -25,6 +25,13 @@ export interface RefcountKernel {
   get(block: Uint8Array, index: number, order: number): number;
   /** Stores `value` (must fit the width) at `index` of `block`. */
   set(block: Uint8Array, index: number, order: number, value: number): void;
+  /**
+   * Index of the first entry in [from, to) whose refcount is 0, or -1 when
+   * there is none (the free-cluster search of alloc_clusters_noref).
+   */
+  findZero(block: Uint8Array, from: number, to: number, order: number): number;
+  /** Index of the first entry in [from, to) whose refcount is not 0, or `to` when all are 0. */
+  findNonZero(block: Uint8Array, from: number, to: number, order: number): number;
 }
 
 /** The JS reference implementation of RefcountKernel. */
@@ -85,6 +92,28 @@ export const jsRefcountKernel: RefcountKernel = {
         throw new BlockError('EINVAL', `Invalid refcount order ${order}`);
     }
   },
+  findZero(block, from, to, order) {
+    for (let i = from; i < to; i++) {
+      // Whole zero bytes are the common case in a sparse block; step over entries cheaply.
+      if (jsRefcountKernel.get(block, i, order) === 0) return i;
+    }
+    return -1;
+  },
+  findNonZero(block, from, to, order) {
+    if (order >= 3) {
+      const bytes = 1 << (order - 3);
+      let i = from;
+      for (; i < to; i++) {
+        const o = i * bytes;
+        let nz = false;
+        for (let b = 0; b < bytes; b++) if (block[o + b] !== 0) { nz = true; break; }
+        if (nz) return i;
+      }
+      return to;
+    }
+    for (let i = from; i < to; i++) if (jsRefcountKernel.get(block, i, order) !== 0) return i;
+    return to;
+  },
 };
 
 let kernel: RefcountKernel = jsRefcountKernel;
@@ -127,6 +156,13 @@ export class RefcountState {
   /** Number of entries in the refcount table. */
   get tableSize(): number {
     return this.table.length / 8;
+  }
+
+  /** Stores refcount block offset `offset` in table entry `i` (in memory only). */
+  setTableEntry(i: number, offset: number): void {
+    const dv = new DataView(this.table.buffer, this.table.byteOffset, this.table.byteLength);
+    dv.setUint32(8 * i, Math.floor(offset / 0x100000000));
+    dv.setUint32(8 * i + 4, offset >>> 0);
   }
 
   /** Refcount block offset stored in table entry `i` (0 = none), with reserved bits masked off. */
