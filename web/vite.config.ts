@@ -20,6 +20,9 @@ export default defineConfig({
   },
   preview: { headers: isolation },
   worker: { format: 'es' },
+  // v86 is imported only by the engine test page (web/engine); bundle it at startup so a
+  // first visit does not trigger a dependency re-optimisation and a full page reload mid-test.
+  optimizeDeps: { include: ['v86'] },
   build: {
     outDir: fileURLToPath(new URL('../dist', import.meta.url)),
     emptyOutDir: true,

@@ -85,6 +85,8 @@ export interface AttachOptions {
   werror?: ErrorPolicy;
   /** false = writethrough (every write is flushed). */
   writeCache?: boolean;
+  /** Writes past the end grow the image instead of failing (as qemu-io's and block jobs' backends allow). */
+  allowWriteBeyondEof?: boolean;
 }
 
 /** The error policy and status of a backend. */
