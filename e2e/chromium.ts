@@ -15,8 +15,8 @@ export const CHROMIUM_ARGS = [
   '--disable-quic',
 ];
 
-/** Port of the Vite dev server the specs run against. */
-export const E2E_PORT = 5199;
+/** Port of the Vite dev server the specs run against; QBLOCK_E2E_PORT moves it so two runs can share a machine. */
+export const E2E_PORT = Number(process.env.QBLOCK_E2E_PORT ?? 5199);
 
 /** Base URL of that server. */
 export const E2E_BASE_URL = `http://localhost:${E2E_PORT}`;
