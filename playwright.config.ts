@@ -3,13 +3,6 @@ import { CHROMIUM_ARGS, CHROMIUM_PATH, E2E_BASE_URL, E2E_PORT } from './e2e/chro
 
 const CI = !!process.env.CI;
 
-// e2e/engine-qcow2.spec.ts needs qcow2 writes, which are still being built.
-// It stays out of the default run (project 'chromium' ignores it) and runs as
-// its own project only when asked:
-//   QBLOCK_E2E_QCOW2_WRITES=1 npx playwright test --project=engine-qcow2
-const QCOW2_WRITES_SPEC = '**/engine-qcow2.spec.ts';
-const qcow2WritesProject = process.env.QBLOCK_E2E_QCOW2_WRITES ? [{ name: 'engine-qcow2', testMatch: QCOW2_WRITES_SPEC }] : [];
-
 // Browser specs in e2e/, against the Vite dev server, in Debian's Chromium.
 // scripts/test.mjs reads the JSON report to count results.
 export default defineConfig({
@@ -30,7 +23,7 @@ export default defineConfig({
     launchOptions: { executablePath: CHROMIUM_PATH, args: CHROMIUM_ARGS },
     trace: 'retain-on-failure',
   },
-  projects: [{ name: 'chromium', testIgnore: QCOW2_WRITES_SPEC }, ...qcow2WritesProject],
+  projects: [{ name: 'chromium' }],
   webServer: {
     command: `npx vite --config web/vite.config.ts --port ${E2E_PORT} --strictPort`,
     url: E2E_BASE_URL,

@@ -3,6 +3,9 @@
  * for its engine worker, calling window.qe and unpacking results, and
  * unique OPFS names per test.
  */
+import { execFile } from 'node:child_process';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
 import type { Page } from '@playwright/test';
 import type { BackendMethod, CallError, CallResult, EngineMethod } from '../web/engine/api-types.ts';
 import type { EngineEnv } from '../src/worker/types.ts';
@@ -82,4 +85,32 @@ export function filledSum(length: number, byte: number): number {
 /** A unique OPFS directory per test, so reruns and parallel workers never collide. */
 export function dirFor(title: string): string {
   return `e2e-engine-${title.replace(/\W+/g, '-').slice(0, 32)}-${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`;
+}
+
+/** Where Debian's QEMU tools are. */
+export const QEMU_IMG = '/usr/bin/qemu-img';
+export const QEMU_IO = '/usr/bin/qemu-io';
+
+const execFileP = promisify(execFile);
+
+/** Runs a QEMU tool in `cwd`; asynchronously, because the range server shares the spec's event loop. */
+export async function qemu(cwd: string, tool: string, ...args: string[]): Promise<string> {
+  return (await execFileP(tool, args, { cwd, encoding: 'utf8' })).stdout;
+}
+
+/** Downloads OPFS image `path` through the page (a real browser download) into `dir`; returns the file's path. */
+export async function download(page: Page, path: string, name: string, dir: string): Promise<string> {
+  const [dl, r] = await Promise.all([page.waitForEvent('download'), page.evaluate(([p, n]) => window.qe.download(p, n), [path, name] as const)]);
+  unwrap(r, `download(${path})`);
+  expect(dl.suggestedFilename()).toBe(name);
+  const out = join(dir, `${Date.now()}-${name}`);
+  await dl.saveAs(out);
+  return out;
+}
+
+/** Checksum of `length` bytes at `offset` of `bytes`, as the page computes it. */
+export function sumOf(bytes: Uint8Array, offset: number, length: number): number {
+  let s = 0;
+  for (let i = offset; i < offset + length; i++) s = (s * 31 + bytes[i]!) >>> 0;
+  return s;
 }

@@ -8,22 +8,36 @@
 // codes. Everything here runs on raw images or reads qcow2 images; the specs
 // that need qcow2 writes are in engine-qcow2.spec.ts.
 
-import { execFile } from 'node:child_process';
-import { promisify } from 'node:util';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Page } from '@playwright/test';
 import type { CallResult } from '../web/engine/api-types.ts';
 import type { ImageSummary, StorageReport } from '../src/worker/types.ts';
-import { attach, bcall, bok, dirFor, enginePage, failure, fails, fill, filledSum, ok, sum, unwrap } from './engine-helpers.ts';
+import {
+  attach,
+  bcall,
+  bok,
+  dirFor,
+  download as downloadTo,
+  enginePage,
+  failure,
+  fails,
+  fill,
+  filledSum,
+  ok,
+  QEMU_IMG,
+  QEMU_IO,
+  qemu as runQemu,
+  sum,
+  sumOf,
+  unwrap,
+} from './engine-helpers.ts';
 import { expect, test } from './fixtures.ts';
 import { biosImages, buildGuestDisk, GUEST_DISK_SIZE, okLine } from './guest/guest.ts';
 import { startRangeServer, type RangeServer } from './range-server.ts';
 
 const MiB = 1 << 20;
-const QEMU_IMG = '/usr/bin/qemu-img';
-const QEMU_IO = '/usr/bin/qemu-io';
 
 /** Writes (offset, length, byte) the round-trip test makes, as qemu-io's `write -P byte offset length`. */
 const WRITES: ReadonlyArray<[number, number, number]> = [
@@ -53,28 +67,14 @@ test.afterAll(async () => {
   rmSync(scratch, { recursive: true, force: true });
 });
 
-const run = promisify(execFile);
-
-/** Runs qemu-img/qemu-io in the scratch directory; asynchronously, because the range server shares this event loop. */
-async function qemu(tool: string, ...args: string[]): Promise<string> {
-  return (await run(tool, args, { cwd: scratch, encoding: 'utf8' })).stdout;
+/** Runs qemu-img/qemu-io in the scratch directory. */
+function qemu(tool: string, ...args: string[]): Promise<string> {
+  return runQemu(scratch, tool, ...args);
 }
 
-/** Downloads OPFS image `path` through the page (a real browser download) into the scratch directory. */
-async function download(page: Page, path: string, name: string): Promise<string> {
-  const [dl, r] = await Promise.all([page.waitForEvent('download'), page.evaluate(([p, n]) => window.qe.download(p, n), [path, name] as const)]);
-  unwrap(r, `download(${path})`);
-  expect(dl.suggestedFilename()).toBe(name);
-  const out = join(scratch, `${Date.now()}-${name}`);
-  await dl.saveAs(out);
-  return out;
-}
-
-/** Checksum of `length` bytes at `offset` of `bytes`, as the page computes it. */
-function sumOf(bytes: Uint8Array, offset: number, length: number): number {
-  let s = 0;
-  for (let i = offset; i < offset + length; i++) s = (s * 31 + bytes[i]!) >>> 0;
-  return s;
+/** Downloads OPFS image `path` through the page into the scratch directory. */
+function download(page: Page, path: string, name: string): Promise<string> {
+  return downloadTo(page, path, name, scratch);
 }
 
 test.describe('engine worker', () => {

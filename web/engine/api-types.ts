@@ -4,7 +4,7 @@
  */
 import type { EngineClient } from '../../src/client/engine.ts';
 import type { RemoteBlockBackend } from '../../src/client/backend.ts';
-import type { AttachOptions, BackendEvent, EngineEnv } from '../../src/worker/types.ts';
+import type { AttachOptions, BackendEvent, EngineEnv, ImageSummary } from '../../src/worker/types.ts';
 
 /** An error as it reached the page, as plain data. */
 export interface CallError {
@@ -67,6 +67,8 @@ export interface EngineTestApi {
   importUrl(url: string, path: string): Promise<CallResult<{ size: number; reports: Array<[number, number]> }>>;
   /** Starts an import and aborts it after the first progress report. */
   importAbort(url: string, path: string): Promise<CallResult>;
+  /** Opens the qcow2 image at `path` over a File made on the page from the bytes at `baseUrl` (a File base). */
+  openOverFile(path: string, baseUrl: string, fileName: string): Promise<CallResult<ImageSummary>>;
 }
 
 declare global {

@@ -182,6 +182,12 @@ const api: EngineTestApi = {
         },
       });
     }),
+
+  openOverFile: (path, baseUrl, fileName) =>
+    guard(async () => {
+      const file = new File([await (await fetch(baseUrl)).arrayBuffer()], fileName);
+      return engine.open({ opfs: path }, { format: 'qcow2', backing: { driver: 'raw', file: { driver: 'blob', blob: file } } });
+    }),
 };
 
 window.qe = api;
