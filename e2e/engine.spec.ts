@@ -136,6 +136,13 @@ test.describe('engine worker', () => {
     expect(['EPERM', 'EACCES', 'EROFS']).toContain(e.code);
     const map = await ok<Array<{ data: boolean; zero: boolean }>>(page, 'map', img.id);
     expect(map.every((m) => !m.data)).toBe(true);
+    // measure: an empty 64 MiB qcow2 needs only metadata; a copy of this image needs no more.
+    const m = await ok<{ required: number; fullyAllocated: number }>(page, 'measure', 'qcow2', { size: 64 * MiB });
+    expect(m.required).toBeGreaterThan(0);
+    expect(m.required).toBeLessThan(MiB);
+    expect(m.fullyAllocated).toBeGreaterThan(64 * MiB);
+    const mc = await ok<{ required: number }>(page, 'measure', 'qcow2', {}, img.id);
+    expect(mc.required).toBe(m.required);
     const got = await download(page, path, 'new.qcow2');
     expect(await qemu(QEMU_IMG, 'check', '-f', 'qcow2', got)).toContain('No errors were found on the image.');
     const ref = join(scratch, `ref-${Date.now()}.qcow2`);
@@ -191,7 +198,12 @@ test.describe('engine worker', () => {
     const list = await ok<Array<{ path: string; open?: boolean }>>(other, 'list', dir);
     expect(list).toEqual([expect.objectContaining({ path, open: true })]);
     expect((await fails(other, 'remove', path)).code).toBe('EBUSY');
+    expect((await fails(other, 'rename', path, `${dir}/renamed.img`)).code).toBe('EBUSY');
     await ok(page, 'close', img.id);
+    // Closed: it can be renamed (and back).
+    await ok(other, 'rename', path, `${dir}/renamed.img`);
+    expect((await ok<Array<{ path: string }>>(other, 'list', dir)).map((e) => e.path)).toEqual([`${dir}/renamed.img`]);
+    await ok(other, 'rename', `${dir}/renamed.img`, path);
     const mine = await ok<ImageSummary>(other, 'open', { opfs: path }, { format: 'raw' });
     expect(mine.virtualSize).toBe(MiB);
     // And now the first page is the one that waits.
