@@ -36,7 +36,7 @@ interface Variant {
 function rawOf(img: string): Uint8Array {
   const raw = `${img}.initial.raw`;
   qemuImg(tmp.dir, 'convert', '-f', 'qcow2', '-O', 'raw', img, raw);
-  return readFileSync(tmp.path(raw));
+  return new Uint8Array(readFileSync(tmp.path(raw)));
 }
 
 const M = 1024 * 1024;

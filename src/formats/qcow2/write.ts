@@ -116,7 +116,7 @@ async function validateEntry(s: Qcow2State, ref: SliceRef, i: number, l2Offset: 
       throw await signalCorruption(s, `Cluster allocation offset ${host < 0 ? 'beyond 2^53' : hex(host)} unaligned ${where}`);
     }
   }
-  if (s.header.version < 3 && !s.mapping.geometry.extended && e.lo & LO_ZERO) {
+  if (s.header.version < 3 && !s.mapping.geometry.extended && !(e.hi & HI_COMPRESSED) && e.lo & LO_ZERO) {
     throw await signalCorruption(s, `Zero cluster entry found in pre-v3 image ${where}`);
   }
 }
