@@ -184,7 +184,8 @@ export async function openBackend(graph: Graph, spec: ImageOpenSpec): Promise<Bl
   if (spec.forceShare) generic['force-share'] = true;
 
   const prevWarn = graph.onWarning;
-  if (spec.onWarning) graph.onWarning = spec.onWarning;
+  // QEMU warns about a guessed raw format only when the image is opened writable (raw_open).
+  graph.onWarning = spec.onWarning && !spec.readOnly ? spec.onWarning : () => undefined;
   let blk: BlockBackend;
   try {
     let target: string | BlockdevOptions;

@@ -1,0 +1,80 @@
+/**
+ * Internal snapshots as `qemu-img snapshot` uses them (QEMU's
+ * block/snapshot.c): list, create, apply and delete on the driver that
+ * keeps snapshots, falling back through primary children (raw over a file
+ * asks the file) the way bdrv_snapshot_fallback does.
+ */
+import type { SnapshotInfo } from '../driver.ts';
+import { BlockError, STRERROR, toBlockError } from '../errors.ts';
+import type { BlockNode } from '../node.ts';
+import { bdrvSnapshotList } from './info.ts';
+
+/** The node snapshot operations fall back to (QEMU's bdrv_snapshot_fallback_child: the primary, filtered child). */
+function fallback(bs: BlockNode): BlockNode | null {
+  if (bs.drv.kind === 'protocol' || bs.drv.supportsBacking) return null;
+  return bs.primaryChild?.bs ?? null;
+}
+
+/** Snapshots of `bs`, or an empty list when the driver keeps none (dump_snapshots prints nothing then). */
+export async function listSnapshots(bs: BlockNode): Promise<SnapshotInfo[]> {
+  try {
+    return await bdrvSnapshotList(bs);
+  } catch {
+    return [];
+  }
+}
+
+/** QEMU's bdrv_snapshot_create; the error message is qemu-img's "Could not create snapshot" line. */
+export async function createSnapshot(bs: BlockNode, name: string, now: Date = new Date()): Promise<void> {
+  const ms = now.getTime();
+  const sn: SnapshotInfo = { id: '', name, vmStateSize: 0, dateSec: Math.floor(ms / 1000), dateNsec: (ms % 1000) * 1e6, vmClockNsec: 0 };
+  for (let n: BlockNode | null = bs; n; n = fallback(n)) {
+    if (n.drv.snapshotCreate) {
+      try {
+        await n.drv.snapshotCreate(n, sn);
+        return;
+      } catch (e) {
+        const code = toBlockError(e).code;
+        throw new BlockError(code, `Could not create snapshot '${name}': -${errnoOf(code)} (${STRERROR[code]})`);
+      }
+    }
+  }
+  throw new BlockError('ENOTSUP', `Could not create snapshot '${name}': -95 (${STRERROR.ENOTSUP})`);
+}
+
+/** QEMU's bdrv_snapshot_goto; errors read "Could not apply snapshot '…': …". */
+export async function applySnapshot(bs: BlockNode, name: string): Promise<void> {
+  for (let n: BlockNode | null = bs; n; n = fallback(n)) {
+    if (n.drv.snapshotGoto) {
+      try {
+        await n.drv.snapshotGoto(n, name);
+        return;
+      } catch (e) {
+        throw new BlockError(toBlockError(e).code, `Could not apply snapshot '${name}': ${toBlockError(e).message}`);
+      }
+    }
+  }
+  throw new BlockError('ENOTSUP', `Could not apply snapshot '${name}': Block driver does not support snapshots`);
+}
+
+/** QEMU's bdrv_snapshot_find then bdrv_snapshot_delete, with qemu-img's messages. */
+export async function deleteSnapshot(bs: BlockNode, name: string): Promise<void> {
+  const list = await listSnapshots(bs);
+  const sn = list.find((s) => s.id === name) ?? list.find((s) => s.name === name);
+  if (!sn) throw new BlockError('ENOENT', `Could not delete snapshot '${name}': snapshot not found`);
+  for (let n: BlockNode | null = bs; n; n = fallback(n)) {
+    if (n.drv.snapshotDelete) {
+      try {
+        await n.drv.snapshotDelete(n, sn.id, sn.name);
+        return;
+      } catch (e) {
+        throw new BlockError(toBlockError(e).code, `Could not delete snapshot '${name}': ${toBlockError(e).message}`);
+      }
+    }
+  }
+  throw new BlockError('ENOTSUP', `Could not delete snapshot '${name}': Block format '${bs.drv.name}' used by device '${bs.displayName}' does not support internal snapshots`);
+}
+
+function errnoOf(code: keyof typeof STRERROR): number {
+  return new BlockError(code).errno;
+}
