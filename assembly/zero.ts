@@ -85,3 +85,18 @@ export function firstNonZero(ptr: usize, len: usize): isize {
   }
   return -1;
 }
+
+/**
+ * Offset of the first `unit`-byte block of the `len` bytes at `ptr` (blocks
+ * start at multiples of unit; the last may be shorter) that is all zero, or
+ * -1 when every block holds data. With firstNonZero this splits a buffer into
+ * data and zero runs of whole blocks, as convert -S and map need.
+ */
+export function firstZeroBlock(ptr: usize, len: usize, unit: usize): isize {
+  if (unit == 0) return -1;
+  for (let off: usize = 0; off < len; off += unit) {
+    const n = len - off < unit ? len - off : unit;
+    if (isZero(ptr + off, n)) return <isize>off;
+  }
+  return -1;
+}

@@ -10,6 +10,7 @@ import { BlockError, isBlockError, toBlockError } from './errors.ts';
 import { bdrvDrainedBegin, bdrvDrainedEnd, bdrvGetLength, bdrvPreadv, refreshTotalBytes } from './io.ts';
 import { BlockNode } from './node.ts';
 import { OPEN, PERM, ROLE, type BlockdevOptions, type DetectZeroes } from './types.ts';
+import { loadKernels } from '../kernels/index.ts';
 
 /** QEMU's BLOCK_PROBE_BUF_SIZE: how much of a file format probing reads. */
 export const PROBE_BUF_SIZE = 2048;
@@ -186,6 +187,8 @@ export class Graph {
   }
 
   private async openWithDriver(drv: BlockDriver, options: BlockdevOptions, flags: number): Promise<BlockNode> {
+    // Drivers' hot paths call the wasm kernels once loaded; loading here means no node ever runs on the JS references by accident.
+    await loadKernels();
     const g = this.parseGeneric(options, flags);
     const { name, auto } = this.newNodeName(options['node-name']);
     const driverOpts: Record<string, unknown> = {};

@@ -1,37 +1,48 @@
 // Loader for the wasm kernels (build/qblock.wasm) in Node and in browsers,
-// with the JS reference implementations as a fallback for engines without
-// wasm SIMD. Call `await loadKernels()` once, then use `kernels()`.
+// with the JS reference implementations as the fallback for engines without
+// wasm SIMD. `await loadKernels()` once (opening a node in a Graph does it),
+// then use `kernels()`. Loading installs the wasm kernels where the engine
+// calls them: the request path's zero check (src/core/zero.ts), the qcow2 L2
+// and refcount kernels (setQcow2Kernels) and, with a shared memory, the
+// metadata cache's entry buffers (so caches live in linear memory).
 
+import { setBitmapKernel } from '../core/hbitmap.ts';
 import { setZeroCheck } from '../core/zero.ts';
-import { firstNonZeroRef, isZeroRef } from './reference.ts';
+import { setCacheBufferAllocator } from '../formats/qcow2/cache.ts';
+import { jsQcow2Kernels, setQcow2Kernels } from '../formats/qcow2/kernels.ts';
+import { wasmBitmapOps, wasmByteOrderOps, wasmL2Ops, wasmRefcountOps, wasmZeroOps } from './ops-wasm.ts';
+import { LinearBufferPool } from './pool.ts';
+import { bitmapRef } from './reference-bitmap.ts';
+import { l2Ref, refcountRef } from './reference-qcow2.ts';
+import { byteOrderRef, firstNonZeroRef, firstZeroBlockRef, isZeroRef } from './reference.ts';
+import type { BitmapOps, ByteOrderOps, L2Ops, RefcountOps, ZeroOps } from './types.ts';
 import { WasmHost } from './wasm.ts';
 
-export { firstNonZeroRef, isZeroRef } from './reference.ts';
+export { firstNonZeroRef, firstZeroBlockRef, isZeroRef, byteOrderRef } from './reference.ts';
+export { l2Ref, refcountRef } from './reference-qcow2.ts';
+export { bitmapRef } from './reference-bitmap.ts';
+export { COPY_CHUNK } from './ops-wasm.ts';
+export { LinearBufferPool, type PoolStats } from './pool.ts';
 export { WasmHost, type QblockExports } from './wasm.ts';
+export type * from './types.ts';
 
 /** The kernel entry points the rest of qblock calls; each takes ordinary Uint8Array views. */
-export interface Kernels {
+export interface Kernels extends ZeroOps {
   /** True when these are the wasm kernels, false when they are the JS reference fallback. */
   readonly wasm: boolean;
   /** The wasm host (memory, scratch, raw exports), or null for the reference fallback. */
   readonly host: WasmHost | null;
-  /** True when every byte of `buf` is zero. */
-  isZero(buf: Uint8Array): boolean;
-  /** Offset of the first non-zero byte of `buf`, or -1 when all bytes are zero. */
-  firstNonZero(buf: Uint8Array): number;
+  /** qcow2 L2 decoding (installed as the driver's L2 kernel). */
+  readonly l2: L2Ops;
+  /** Refcount access, searches and check's bulk operations (installed as the driver's refcount kernel). */
+  readonly refcount: RefcountOps;
+  /** Dirty bitmaps (the bits of src/core/hbitmap.ts). */
+  readonly bitmap: BitmapOps;
+  /** Byte-order helpers for big-endian tables. */
+  readonly byteorder: ByteOrderOps;
+  /** Cache entry buffers in linear memory, or null (reference kernels, or no shared memory). */
+  readonly pool: LinearBufferPool | null;
 }
-
-/**
- * Bytes copied into wasm memory per kernel call. Bounds the scratch block
- * (and so linear memory growth) regardless of the caller's buffer size.
- */
-export const COPY_CHUNK = 1024 * 1024;
-
-/** Largest range passed to one kernel call for data already in wasm memory (keeps results within i32). */
-const IN_PLACE_CHUNK = 1 << 30;
-
-/** Scratch slot used by the zero-detection kernels. */
-const ZERO_SLOT = 'zero';
 
 /**
  * A minimal module whose only function returns a v128 constant: if the engine
@@ -65,21 +76,20 @@ function isNode(): boolean {
 }
 
 /** Reads the wasm bytes from disk (Node) or the network (browser). */
-async function wasmBytes(): Promise<BufferSource> {
+async function wasmBytes(): Promise<Uint8Array> {
   if (isNode()) {
     // Kept out of the bundler's sight: browsers never take this branch.
     const fsName = 'node:fs/promises';
     const fs = (await import(/* @vite-ignore */ fsName)) as typeof import('node:fs/promises');
     try {
-      // readFile returns a Buffer over a plain (never shared) ArrayBuffer.
-      return (await fs.readFile(WASM_URL)) as Uint8Array<ArrayBuffer>;
+      return await fs.readFile(WASM_URL);
     } catch (e) {
       throw new Error(`qblock: cannot read ${WASM_URL.href}; build it with "npm run asbuild" (${String(e)})`);
     }
   }
   const res = await fetch(WASM_URL);
   if (!res.ok) throw new Error(`qblock: fetching ${WASM_URL.href} failed: HTTP ${res.status}`);
-  return res.arrayBuffer();
+  return new Uint8Array(await res.arrayBuffer());
 }
 
 /** Kernels backed by the JS reference implementations. */
@@ -88,48 +98,48 @@ export const referenceKernels: Kernels = {
   host: null,
   isZero: isZeroRef,
   firstNonZero: firstNonZeroRef,
+  firstZeroBlock: firstZeroBlockRef,
+  l2: l2Ref,
+  refcount: refcountRef,
+  bitmap: bitmapRef,
+  byteorder: byteOrderRef,
+  pool: null,
 };
 
-/** Kernels that run the wasm module, copying data that is not already in its memory. */
-function wasmKernels(host: WasmHost): Kernels {
-  const ex = host.exports;
-
-  /**
-   * Presents `buf` to `visit` as (pointer, length, offset in buf) pieces in
-   * wasm memory, in order, until `visit` returns true; returns whether it did.
-   * Data already in wasm memory is used in place; other data is copied
-   * through the scratch block one COPY_CHUNK at a time.
-   */
-  const eachPiece = (buf: Uint8Array, visit: (ptr: number, len: number, off: number) => boolean): boolean => {
-    const inPlace = host.contains(buf);
-    const step = inPlace ? IN_PLACE_CHUNK : COPY_CHUNK;
-    let off = 0;
-    do {
-      const part = buf.subarray(off, off + step);
-      const ptr = inPlace ? part.byteOffset : host.copyIn(ZERO_SLOT, part);
-      if (visit(ptr, part.length, off)) return true;
-      off += step;
-    } while (off < buf.length);
-    return false;
-  };
-
+/** Kernels that run on `host`'s wasm instance. */
+export function wasmKernels(host: WasmHost): Kernels {
+  const zero = wasmZeroOps(host);
   return {
     wasm: true,
     host,
-    isZero(buf: Uint8Array): boolean {
-      return !eachPiece(buf, (ptr, len) => ex.isZero(ptr, len) === 0);
-    },
-    firstNonZero(buf: Uint8Array): number {
-      let found = -1;
-      eachPiece(buf, (ptr, len, off) => {
-        const r = ex.firstNonZero(ptr, len);
-        if (r < 0) return false;
-        found = off + r;
-        return true;
-      });
-      return found;
-    },
+    isZero: zero.isZero,
+    firstNonZero: zero.firstNonZero,
+    firstZeroBlock: zero.firstZeroBlock,
+    l2: wasmL2Ops(host),
+    refcount: wasmRefcountOps(host),
+    bitmap: wasmBitmapOps(host),
+    byteorder: wasmByteOrderOps(host),
+    pool: host.shared ? new LinearBufferPool(host) : null,
   };
+}
+
+/** Compiles and instantiates a fresh wasm instance (its own memory) and returns kernels over it; `shared` forces the memory kind. */
+export async function instantiateKernels(shared?: boolean): Promise<Kernels> {
+  return wasmKernels(await WasmHost.instantiate(await wasmBytes(), shared === undefined ? {} : { shared }));
+}
+
+/**
+ * Makes `k` the implementation the engine calls: the zero check, the qcow2 L2
+ * and refcount kernels, the bitmap kernel of new HBitmaps, and the cache
+ * entry allocator (linear memory when `k` has a pool, the JS heap otherwise).
+ * loadKernels does this; benchmarks call it to compare implementations.
+ */
+export function installKernels(k: Kernels): void {
+  setZeroCheck(k.isZero);
+  setBitmapKernel(k.bitmap);
+  setQcow2Kernels(k.wasm ? { l2: k.l2, refcount: k.refcount } : jsQcow2Kernels);
+  const pool = k.pool;
+  setCacheBufferAllocator(pool ? (size) => pool.allocate(size) : (size) => new Uint8Array(size));
 }
 
 let loading: Promise<Kernels> | null = null;
@@ -137,13 +147,14 @@ let loaded: Kernels | null = null;
 
 /**
  * Loads the kernels once (wasm if the engine supports SIMD, else the JS
- * reference) and returns them. With wasm, the request path's zero detection
- * (src/core/zero.ts) switches to the wasm kernel.
+ * reference), installs them (installKernels) and returns them. Rejects when
+ * the engine has SIMD but the module cannot be loaded: a missing build is an
+ * error, not a reason to run the reference silently.
  */
 export function loadKernels(): Promise<Kernels> {
   loading ??= (async () => {
-    const k = simdSupported() ? wasmKernels(await WasmHost.instantiate(await wasmBytes())) : referenceKernels;
-    if (k.wasm) setZeroCheck(k.isZero);
+    const k = simdSupported() ? await instantiateKernels() : referenceKernels;
+    installKernels(k);
     loaded = k;
     return k;
   })().catch((e: unknown) => {
@@ -157,6 +168,11 @@ export function loadKernels(): Promise<Kernels> {
 export function kernels(): Kernels {
   if (!loaded) throw new Error('qblock: kernels not loaded; await loadKernels() first');
   return loaded;
+}
+
+/** The loaded kernels, or the JS reference when loadKernels() has not resolved (for code that may run before it, such as tests of core pieces). */
+export function currentKernels(): Kernels {
+  return loaded ?? referenceKernels;
 }
 
 /** True when the loaded kernels are the wasm ones; throws if `loadKernels()` has not resolved yet. */

@@ -264,6 +264,12 @@ async function calculate(c: Ctx): Promise<void> {
   incRefs(c, s.refcount.tableOffset, s.refcount.table.length, true);
   const fileClusters = Math.ceil((await bdrvGetLength(c.bs.file!.bs)) / cs);
   for (let i = 0; i < s.refcount.tableSize; i++) {
+    if (loWord(s.refcount.table, 8 * i) & 0x1ff) {
+      c.log(`ERROR refcount table entry ${i} has reserved bits set`);
+      c.res.corruptions++;
+      c.rebuild = true;
+      continue;
+    }
     const off = s.refcount.tableEntry(i);
     if (off === 0) continue;
     if (!Number.isFinite(off) || off % cs !== 0) {
@@ -324,7 +330,9 @@ async function compare(c: Ctx, fix: number): Promise<number> {
     if (stored > 0 || counted > 0) highest = Math.max(highest, k);
     if (stored === counted) return;
     let fixing = false;
-    if (stored > counted && fix & CHECK_FIX.LEAKS) fixing = true;
+    // A referenced cluster with refcount 0 may have been handed out again: only a rebuild is safe (QEMU 7.2).
+    if (stored === 0) c.rebuild = true;
+    else if (stored > counted && fix & CHECK_FIX.LEAKS) fixing = true;
     else if (stored < counted && fix & CHECK_FIX.ERRORS) fixing = true;
     c.log(`${fixing ? 'Repairing' : stored < counted ? 'ERROR' : 'Leaked'} cluster ${k} refcount=${stored} reference=${counted}`);
     if (fixing) {
@@ -545,8 +553,11 @@ export async function qcow2Check(bs: BlockNode, s: Qcow2State, fix: number): Pro
     if (res.corruptions < old.corruptions) res.corruptionsFixed += old.corruptions - res.corruptions;
     if (res.leaks < old.leaks) res.leaksFixed += old.leaks - res.leaks;
   } else if (fix) {
-    if (c.rebuild && !(fix & CHECK_FIX.ERRORS) && res.corruptions > 0) {
-      // Leaks can still be fixed; corruptions need the rebuild -r all would do.
+    if (c.rebuild) {
+      // Only -r all may rebuild; QEMU gives up with EIO ("Check failed") rather than half-repair.
+      log('ERROR need to rebuild refcount structures');
+      res.checkErrors++;
+      throw new BlockError('EIO', undefined, { node: bs.nodeName });
     }
     if (res.leaks || res.corruptions) {
       Object.assign(res, before, { bfi: before.bfi });
