@@ -8,13 +8,15 @@
  * (pagehide) so its locks and handles are free for the next page.
  */
 import { proxy, wrap, type Endpoint, type Remote } from 'comlink';
-import type { CheckResult, MeasureInfo } from '../core/driver.ts';
+import type { MeasureInfo } from '../core/driver.ts';
+import type { CheckOutcome, CheckRepair } from '../core/img/check.ts';
 import type { ImageInfo } from '../core/img/info.ts';
 import type { MapEntry, MapOptions } from '../core/map.ts';
 import type { OpfsEntry } from '../protocols/opfs.ts';
 import type { EngineHost } from '../worker/host.ts';
 import type {
   AttachOptions,
+  ConvertOptions,
   CreateImageOptions,
   EngineEnv,
   ExportOptions,
@@ -140,9 +142,19 @@ export class EngineClient {
     return this.remote.map(id, opts);
   }
 
-  /** qemu-img check of the image. */
-  check(id: string, fix = 0): Promise<CheckResult> {
-    return this.remote.check(id, fix);
+  /** qemu-img check of the image (QAPI's ImageCheck), repairing 'leaks' or 'all' when asked. */
+  check(id: string, repair?: CheckRepair): Promise<CheckOutcome> {
+    return this.remote.check(id, repair);
+  }
+
+  /** qemu-img convert of an open image into a new OPFS image; resolves with its virtual size. */
+  convert(id: string, targetPath: string, opts: ConvertOptions = {}, job: JobOptions = {}): Promise<number> {
+    return this.remote.convert(id, targetPath, opts, job.progress ? proxy(job.progress) : undefined, job.signal);
+  }
+
+  /** An open image converted to `opts.format` (default raw) as a File, for a download. */
+  exportImage(id: string, opts: ExportOptions = {}, job: JobOptions = {}): Promise<File> {
+    return this.remote.exportImage(id, opts, job.progress ? proxy(job.progress) : undefined, job.signal);
   }
 
   /** qemu-img measure for a new image of `format`, optionally holding a copy of image `srcId`. */

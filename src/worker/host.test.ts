@@ -10,6 +10,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { expose, wrap } from 'comlink';
 import { BlockError } from '../core/errors.ts';
 import { denyAllGate } from '../core/graph.ts';
+import { qcow2Driver } from '../formats/qcow2/index.ts';
 import { rawDriver } from '../formats/raw.ts';
 import { blobDriver } from '../protocols/blob.ts';
 import { deleteMemoryStore, memoryDriver } from '../protocols/memory.ts';
@@ -41,7 +42,7 @@ let ports: MessageChannel;
 
 beforeEach(() => {
   ports = new MessageChannel();
-  host = exposeEngine(ports.port1, { drivers: [memoryDriver, nullCoDriver, blobDriver, rawDriver, ...filterDrivers()], gate: denyAllGate, defaultProtocol: 'memory' });
+  host = exposeEngine(ports.port1, { drivers: [memoryDriver, nullCoDriver, blobDriver, rawDriver, qcow2Driver, ...filterDrivers()], gate: denyAllGate, defaultProtocol: 'memory' });
   client = new EngineClient({ worker: ports.port2, closeOnPagehide: false });
 });
 
@@ -163,6 +164,48 @@ describe('engine host through comlink', () => {
       }
     })().catch((e: unknown) => e);
     expect(err).toBeDefined();
+  });
+
+  it('converts an image into a new one with the engine (qemu-img convert), with progress, and checks it', async () => {
+    await client.open({ options: { driver: 'raw', 'node-name': 'src', file: { driver: 'memory', size: 4 * MiB } } });
+    const blk = await client.attach('src');
+    await blk.pwrite(MiB, pattern(2 * MiB, 6));
+    const seen: number[] = [];
+    const size = await client.convert('src', 'conv/out.qcow2', { format: 'qcow2', options: { cluster_size: 65536 } }, { progress: (d) => seen.push(d) });
+    expect(size).toBe(4 * MiB);
+    await new Promise((r) => setTimeout(r, 20));
+    expect(seen.at(-1)).toBe(4 * MiB);
+    const out = await client.open({ options: { driver: 'qcow2', 'node-name': 'out', file: { driver: 'memory', name: 'conv/out.qcow2' } } }, { readOnly: true });
+    expect(out).toMatchObject({ format: 'qcow2', virtualSize: 4 * MiB });
+    const ob = await client.attach('out');
+    expect(same(await ob.read(MiB, 2 * MiB), pattern(2 * MiB, 6))).toBe(true);
+    expect(same(await ob.read(0, MiB), new Uint8Array(MiB))).toBe(true);
+    const { check } = await client.check('out');
+    expect(check).toMatchObject({ format: 'qcow2', 'check-errors': 0 });
+    expect(check.corruptions ?? 0).toBe(0);
+    expect(check.leaks ?? 0).toBe(0);
+    // Only the 2 MiB of data were allocated.
+    const map = await client.map('out');
+    expect(map.filter((e) => e.data).reduce((n, e) => n + e.length, 0)).toBe(2 * MiB);
+    // A cancelled convert fails with ECANCELED and leaves the graph as it was.
+    const nodes = host.graph.nodes.size;
+    const e = await client.convert('src', 'conv/cancelled.img', {}, { signal: AbortSignal.abort() }).catch((x: unknown) => x);
+    expect((e as BlockError).code).toBe('ECANCELED');
+    expect(host.graph.nodes.size).toBe(nodes);
+    deleteMemoryStore('conv/out.qcow2');
+  });
+
+  it('measures with the engine (qemu-img measure)', async () => {
+    const m = await client.measure('qcow2', { size: 64 * MiB, cluster_size: 65536 });
+    expect(m.required).toBe(327680);
+    expect(m.fullyAllocated).toBe(67_436_544);
+    await client.open({ options: { driver: 'raw', 'node-name': 'ms', file: { driver: 'memory', size: 8 * MiB } } });
+    const blk = await client.attach('ms');
+    await blk.pwrite(0, pattern(MiB, 1));
+    const c = await client.measure('qcow2', {}, 'ms');
+    expect(c.required).toBeGreaterThan(MiB);
+    expect(c.required).toBeLessThan(2 * MiB);
+    expect((await client.measure('nope').catch((x: unknown) => x) as BlockError).code).toBe('EINVAL');
   });
 
   it('carries AbortSignals across comlink as top-level arguments', async () => {

@@ -11,22 +11,25 @@
  */
 import { transfer, type ProxyMarked } from 'comlink';
 import { BlockBackend } from '../core/block-backend.ts';
-import type { CheckResult, MeasureInfo } from '../core/driver.ts';
+import type { MeasureInfo } from '../core/driver.ts';
 import { BlockError, isBlockError, toBlockError } from '../core/errors.ts';
 import { checkPlainName, Graph, type ImplicitOpenGate } from '../core/graph.ts';
+import { checkImage, type CheckOutcome, type CheckRepair } from '../core/img/check.ts';
+import { convertCopy } from '../core/img/convert.ts';
+import { HintedError, imgCreate, type ImgCreateRequest } from '../core/img/create.ts';
 import { pathCombine } from '../core/img/gate.ts';
 import { queryImageInfo, type ImageInfo } from '../core/img/info.ts';
+import { measureImage, type MeasureRequest } from '../core/img/measure.ts';
 import { bdrvFlush, bdrvGetLength } from '../core/io.ts';
 import { mapImage, type MapEntry, type MapOptions } from '../core/map.ts';
 import type { BlockNode } from '../core/node.ts';
-import type { CreateOptions } from '../core/options.ts';
 import { OPEN, PERM, type BlockdevOptions } from '../core/types.ts';
 import { browserDrivers } from '../drivers-browser.ts';
 import { usingWasm } from '../kernels/index.ts';
 import { opfsCanonicalPath, opfsList, opfsRemove, opfsRename, opfsSyncAvailable, type OpfsEntry } from '../protocols/opfs.ts';
 import { BackendService, proxied } from './backend-service.ts';
-import { Job, runJob, type ProgressSink } from './jobs.ts';
-import type { AttachOptions, ChainEntry, CreateImageOptions, EngineEnv, ExportOptions, ImageSource, ImageSummary, OpenOptions, StorageReport } from './types.ts';
+import { Job, JobBackend, runJob, type ProgressSink } from './jobs.ts';
+import type { AttachOptions, ChainEntry, ConvertOptions, CreateImageOptions, EngineEnv, ExportOptions, ImageSource, ImageSummary, OpenOptions, StorageReport } from './types.ts';
 
 /** Bytes moved per request by the copy loops (import, export). */
 const COPY_CHUNK = 1 << 20;
@@ -79,6 +82,12 @@ export interface EngineHostOptions {
 interface HeldImage {
   node: BlockNode;
   backends: Set<BackendService>;
+}
+
+/** A BlockError carrying QEMU's hint line (qemu-img prints it after the message) keeps it in the message for the page. */
+function withHint(e: unknown): BlockError {
+  if (e instanceof HintedError && e.hint) return new BlockError(e.code, `${e.message}\n${e.hint}`.trimEnd(), { cause: e });
+  return toBlockError(e);
 }
 
 /** True once the wasm kernels serve (false while they load, or when the JS fallback does). */
@@ -213,40 +222,31 @@ export class EngineHost {
   }
 
   /**
-   * Creates an image at an OPFS path with any create options, as qemu-img
-   * create does (the format's create over the opfs protocol).
+   * Creates an image at an OPFS path with any create options, exactly as
+   * qemu-img create does (the engine's imgCreate: option parsing, size from
+   * the backing file, backing checks).
    */
   async create(path: string, opts: CreateImageOptions = {}, progress?: ProgressSink, signal?: AbortSignal): Promise<void> {
     const filename = opfsCanonicalPath(path);
-    const fmt = opts.format ?? 'raw';
-    const drv = this.graph.getDriver(fmt);
-    if (drv.kind !== 'format' || !drv.create) throw new BlockError('ENOTSUP', `Format driver '${fmt}' does not support image creation`);
     await runJob(progress, signal, 1, async (job) => {
-      const co: CreateOptions = {};
-      for (const [k, v] of Object.entries(opts.options ?? {})) co[k] = v;
-      if (opts.size !== undefined) co.size = opts.size;
-      if (opts.backingFile !== undefined) co.backing_file = opts.backingFile;
-      if (opts.backingFmt !== undefined) co.backing_fmt = opts.backingFmt;
-      const graph = this.graph;
-      const ctx = {
-        async createAndOpenFile(name: string, fopts: CreateOptions = {}): Promise<BlockNode> {
-          const proto = graph.getDriver('opfs');
-          const mine: CreateOptions = {};
-          for (const s of proto.createOptions ?? []) if (fopts[s.name] !== undefined) mine[s.name] = fopts[s.name];
-          await proto.create!(name, mine, ctx);
-          return graph.open({ driver: 'opfs', filename: opfsCanonicalPath(name) }, OPEN.RDWR);
-        },
-        async openImage(name: string, format?: string): Promise<BlockNode> {
-          return graph.openImage(name, format !== undefined ? { format, readOnly: true, options: { 'force-share': true } } : { readOnly: true, options: { 'force-share': true } });
-        },
-        async close(bs: BlockNode): Promise<void> {
-          await graph.unref(bs);
+      const req: ImgCreateRequest = {
+        filename,
+        fmt: opts.format ?? 'raw',
+        progress: (done, total) => {
+          job.total = total;
+          job.report(done);
         },
       };
-      await drv.create!(filename, co, ctx, (done, total) => {
-        job.total = total;
-        void job.step(done).catch(() => undefined);
-      });
+      if (opts.size !== undefined) req.size = opts.size;
+      if (opts.backingFile !== undefined) req.backingFile = opts.backingFile;
+      if (opts.backingFmt !== undefined) req.backingFmt = opts.backingFmt;
+      if (opts.options !== undefined && Object.keys(opts.options).length > 0) req.options = optionText(opts.options);
+      if (opts.noBackingCheck) req.noBacking = true;
+      try {
+        await imgCreate(this.graph, req);
+      } catch (e) {
+        throw withHint(e);
+      }
     });
   }
 
@@ -302,19 +302,98 @@ export class EngineHost {
     return mapImage(this.node(id), opts);
   }
 
-  /** Consistency check of the image (qemu-img check); ENOTSUP for formats that have none. */
-  async check(id: string, fix = 0): Promise<CheckResult> {
+  /**
+   * Consistency check of the image as qemu-img check reports it (QAPI's
+   * ImageCheck), repairing leaks or everything when asked; ENOTSUP for
+   * formats that have no check.
+   */
+  async check(id: string, repair?: CheckRepair): Promise<CheckOutcome> {
     const bs = this.node(id);
-    if (!bs.drv.check) throw new BlockError('ENOTSUP', 'This image format does not support checks', { node: id });
-    return bs.drv.check(bs, fix);
+    return checkImage(bs, bs.filename, repair);
   }
 
-  /** Space an image of `format` with `options` needs, optionally to hold a copy of image `srcId` (qemu-img measure). */
+  /**
+   * Space a new image of `format` with create `options` needs (qemu-img
+   * measure), for `options.size` bytes or to hold a copy of image `srcId`.
+   */
   async measure(format: string, options: Record<string, string | number | boolean> = {}, srcId?: string): Promise<MeasureInfo> {
-    const drv = this.graph.getDriver(format);
-    if (!drv.measure) throw new BlockError('ENOTSUP', `Format driver '${format}' does not support measure`);
-    const co: CreateOptions = { ...options };
-    return drv.measure(co, srcId !== undefined ? this.node(srcId) : null);
+    const req: MeasureRequest = { fmt: format, source: srcId !== undefined ? this.node(srcId) : null };
+    const { size, ...rest } = options;
+    if (typeof size === 'number') req.size = size;
+    else if (size !== undefined) rest.size = size;
+    if (Object.keys(rest).length > 0) req.options = optionText(rest);
+    return measureImage(this.graph, req);
+  }
+
+  /**
+   * Converts an open image into a new OPFS image of another format (qemu-img
+   * convert: the engine's create and copy loop, zero runs of 4 KiB and more
+   * left sparse). Progress counts guest bytes; a cancelled or failed convert
+   * removes the half-written target. Returns the target's size.
+   */
+  async convert(id: string, targetPath: string, opts: ConvertOptions = {}, progress?: ProgressSink, signal?: AbortSignal): Promise<number> {
+    const bs = this.node(id);
+    const target = opfsCanonicalPath(targetPath);
+    const fmt = opts.format ?? 'raw';
+    const total = await bdrvGetLength(bs);
+    return runJob(progress, signal, total, async (job) => {
+      const src = new JobBackend(this.graph, job);
+      src.insertNode(bs);
+      let out: BlockBackend | undefined;
+      let created = false;
+      try {
+        const req: ImgCreateRequest = { filename: target, fmt, size: total };
+        if (opts.options !== undefined && Object.keys(opts.options).length > 0) req.options = optionText(opts.options);
+        await imgCreate(this.graph, req).catch((e: unknown) => Promise.reject(withHint(e)));
+        created = true;
+        out = await BlockBackend.open(this.graph, target, { format: fmt, resize: false, options: { discard: 'unmap' } });
+        await convertCopy({
+          sources: [{ blk: src, name: bs.filename }],
+          target: out,
+          hasZeroInit: false,
+          targetIsNew: true,
+          targetHasBacking: false,
+          compressed: opts.compressed ?? false,
+          minSparse: 8,
+          numCoroutines: 8,
+          inOrder: true,
+          salvage: false,
+          quiet: true,
+          progress: (pct) => job.report(Math.round((pct / 100) * total)),
+        });
+        await out.flush();
+        return total;
+      } catch (e) {
+        if (out) {
+          await out.close().catch(() => undefined);
+          out = undefined;
+        }
+        if (created) await opfsRemove(target).catch(() => undefined);
+        throw toBlockError(e);
+      } finally {
+        await out?.close().catch(() => undefined);
+        await src.close().catch(() => undefined);
+      }
+    });
+  }
+
+  /**
+   * An open image converted to `format` as a File for a download: 'raw' is
+   * streamed into the File's bytes by the browser, other formats go through
+   * a temporary OPFS image (removed when the File has been made).
+   */
+  async exportImage(id: string, opts: ExportOptions = {}, progress?: ProgressSink, signal?: AbortSignal): Promise<File> {
+    const fmt = opts.format ?? 'raw';
+    const name = opts.name ?? `${this.node(id).filename.split('/').pop() ?? 'image'}.${fmt}`;
+    const tmp = `.qblock-export/${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 8)}.${fmt}`;
+    await this.convert(id, tmp, { format: fmt }, progress, signal);
+    try {
+      const f = await this.exportFile(tmp, { name });
+      // Copy the bytes out before the temporary file goes: a File of a removed OPFS file cannot be read.
+      return new File([await f.arrayBuffer()], name, { type: 'application/octet-stream' });
+    } finally {
+      await opfsRemove(tmp).catch(() => undefined);
+    }
   }
 
   /** Flushes every open image whose storage is the OPFS file `path`, so its bytes are complete on disk. */

@@ -9,7 +9,10 @@
  * whole job ended.
  */
 import { releaseProxy } from 'comlink';
+import { BlockBackend, type RequestOptions } from '../core/block-backend.ts';
 import { throwIfAborted } from '../core/errors.ts';
+import type { Graph } from '../core/graph.ts';
+import { PERM } from '../core/types.ts';
 import type { ProgressCallback } from './types.ts';
 
 /** How often a job lets the event loop run, in ms of work. */
@@ -50,10 +53,10 @@ export class Job {
     private readonly signal: AbortSignal | undefined,
     public total: number,
   ) {
-    this.report(0, true);
+    this.send(0, true);
   }
 
-  private report(done: number, force: boolean): void {
+  private send(done: number, force: boolean): void {
     if (!this.progress) return;
     const now = Date.now();
     if (!force && now - this.lastReport < PROGRESS_EVERY_MS) return;
@@ -67,9 +70,24 @@ export class Job {
     }
   }
 
+  /** Reports `done` bytes (throttled) without yielding, for callbacks that cannot wait. */
+  report(done: number): void {
+    this.send(done, false);
+  }
+
+  /** Throws ECANCELED when aborted and yields to the event loop every few ms, without reporting. */
+  async tick(): Promise<void> {
+    throwIfAborted(this.signal);
+    if (Date.now() - this.lastYield >= YIELD_EVERY_MS) {
+      await yieldToEventLoop();
+      this.lastYield = Date.now();
+      throwIfAborted(this.signal);
+    }
+  }
+
   /** Reports `done` bytes, throws ECANCELED when aborted, and yields to the event loop every few ms. */
   async step(done: number): Promise<void> {
-    this.report(done, false);
+    this.send(done, false);
     throwIfAborted(this.signal);
     if (Date.now() - this.lastYield >= YIELD_EVERY_MS) {
       await yieldToEventLoop();
@@ -81,7 +99,7 @@ export class Job {
   /** Sends the last report (done = total on success) and releases the progress proxy. */
   finish(done = this.total): void {
     if (this.released) return;
-    this.report(done, true);
+    this.send(done, true);
     this.release();
   }
 
@@ -109,5 +127,26 @@ export async function runJob<T>(progress: ProgressSink, signal: AbortSignal | un
   } catch (e) {
     job.release();
     throw e;
+  }
+}
+
+/**
+ * A read-only BlockBackend for a job's source whose reads first give the
+ * job a tick: the engine's copy loops (convert) then notice an abort and let
+ * the worker's event loop run, without knowing about jobs.
+ */
+export class JobBackend extends BlockBackend {
+  /** A backend taking read permission and sharing everything, as a job's source does. */
+  constructor(
+    graph: Graph,
+    private readonly job: Job,
+  ) {
+    super(graph, { perm: PERM.CONSISTENT_READ, sharedPerm: PERM.ALL });
+  }
+
+  /** Ticks the job, then reads as BlockBackend.pread does. */
+  override async pread(offset: number, buf: Uint8Array, opts: RequestOptions = {}): Promise<void> {
+    await this.job.tick();
+    return super.pread(offset, buf, opts);
   }
 }

@@ -71,6 +71,8 @@ export interface CreateImageOptions {
   backingFmt?: string;
   /** Any other create options by QEMU's names (cluster_size, compat, preallocation…). */
   options?: Record<string, string | number | boolean>;
+  /** Do not open the backing file to check it and take the size from it (qemu-img create -u). */
+  noBackingCheck?: boolean;
 }
 
 /** How to attach a BlockBackend to a node. */
@@ -142,6 +144,8 @@ export interface ConvertOptions {
   format?: string;
   /** Create options of the target (cluster_size, compat…). */
   options?: Record<string, string | number | boolean>;
+  /** Write compressed clusters (qemu-img convert -c; formats that support it). */
+  compressed?: boolean;
 }
 
 /** Options for exporting an image as a download. */

@@ -56,6 +56,20 @@ function backend(name: string): RemoteBlockBackend {
   return b;
 }
 
+/** Starts a browser download of `file` as `filename`; returns its size. */
+function saveFile(file: File, filename: string): number {
+  const url = URL.createObjectURL(file);
+  const a = document.createElement('a');
+  a.href = url;
+  a.download = filename;
+  document.body.append(a);
+  a.click();
+  a.remove();
+  // Revoked later: the download reads the object URL after click() returns.
+  setTimeout(() => URL.revokeObjectURL(url), 60_000);
+  return file.size;
+}
+
 const api: EngineTestApi = {
   env: () => engine.env(),
 
@@ -94,20 +108,9 @@ const api: EngineTestApi = {
 
   events: (name) => events.get(name) ?? [],
 
-  download: (path, filename) =>
-    guard(async () => {
-      const file = await engine.exportFile(path, { name: filename });
-      const url = URL.createObjectURL(file);
-      const a = document.createElement('a');
-      a.href = url;
-      a.download = filename;
-      document.body.append(a);
-      a.click();
-      a.remove();
-      // Revoked later: the download reads the object URL after click() returns.
-      setTimeout(() => URL.revokeObjectURL(url), 60_000);
-      return file.size;
-    }),
+  download: (path, filename) => guard(async () => saveFile(await engine.exportFile(path, { name: filename }), filename)),
+
+  downloadExport: (id, format, filename) => guard(async () => saveFile(await engine.exportImage(id, { format, name: filename }), filename)),
 
   channel: (name, ops, capacity) =>
     guard(async () => {
