@@ -8,7 +8,7 @@
 // codes. Everything here runs on raw images or reads qcow2 images; the specs
 // that need qcow2 writes are in engine-qcow2.spec.ts.
 
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Page } from '@playwright/test';
@@ -111,6 +111,12 @@ test.describe('engine worker', () => {
 
     // The stored file, downloaded, is what qemu-io makes of the same writes.
     const got = await download(page, path, 'disk.img');
+    // The guest-visible bytes also stream out of the worker (a transferred ReadableStream), with progress.
+    const raw = unwrap<{ bytes: number; sum: number; reports: Array<[number, number]> }>(await page.evaluate((id) => window.qe.rawStream(id), again.id), 'rawStream');
+    expect(raw.bytes).toBe(4 * MiB);
+    expect(raw.sum).toBe(sumOf(new Uint8Array(readFileSync(got)), 0, 4 * MiB));
+    expect(raw.reports[0]).toEqual([0, 4 * MiB]);
+    expect(raw.reports.at(-1)).toEqual([4 * MiB, 4 * MiB]);
     const ref = join(scratch, `ref-${Date.now()}.img`);
     await qemu(QEMU_IMG, 'create', '-q', '-f', 'raw', ref, String(4 * MiB));
     await qemu(QEMU_IO, '-f', 'raw', ...WRITES.flatMap(([o, l, b]) => ['-c', `write -q -P ${b} ${o} ${l}`]), ref);

@@ -21,34 +21,44 @@ async function memoryBackend(bytes: Uint8Array): Promise<{ blk: BlockBackend; cl
   return { blk, close: async () => { await blk.close(); await graph.closeAll(); } };
 }
 
-/** Boots v86 from `disk` and resolves with the serial output once a line starting with QBLOCK ends. */
-async function boot(disk: V86Disk): Promise<string> {
+/** A v86 emulator over `disk` with Debian's SeaBIOS, not yet started unless `autostart`. */
+function emulatorFor(disk: V86Disk, autostart = true): V86 {
   const { bios, vgaBios } = biosImages();
-  const emulator = new V86({
+  return new V86({
     wasm_path: V86_WASM,
     bios: { buffer: bios.buffer },
     vga_bios: { buffer: vgaBios.buffer },
     hda: disk as unknown as V86Image,
-    autostart: true,
+    autostart,
     disable_keyboard: true,
     disable_mouse: true,
     disable_speaker: true,
     memory_size: 16 << 20,
     vga_memory_size: 2 << 20,
   } as ConstructorParameters<typeof V86>[0]);
+}
+
+/** Resolves with the guest's QBLOCK line from `emulator`'s serial port. */
+function qblockLine(emulator: V86): Promise<string> {
   let out = '';
-  try {
-    return await new Promise<string>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`guest did not report within 30 s; serial so far: ${JSON.stringify(out)}`)), 30_000);
-      emulator.add_listener('serial0-output-byte', (b: number) => {
-        out += String.fromCharCode(b);
-        const m = /QBLOCK [^\r\n]*\r\n/.exec(out);
-        if (m) {
-          clearTimeout(timer);
-          resolve(m[0].trim());
-        }
-      });
+  return new Promise<string>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`guest did not report within 30 s; serial so far: ${JSON.stringify(out)}`)), 30_000);
+    emulator.add_listener('serial0-output-byte', (b: number) => {
+      out += String.fromCharCode(b);
+      const m = /QBLOCK [^\r\n]*\r\n/.exec(out);
+      if (m) {
+        clearTimeout(timer);
+        resolve(m[0].trim());
+      }
     });
+  });
+}
+
+/** Boots v86 from `disk` and resolves with the guest's QBLOCK line. */
+async function boot(disk: V86Disk): Promise<string> {
+  const emulator = emulatorFor(disk);
+  try {
+    return await qblockLine(emulator);
   } finally {
     await emulator.destroy();
   }
@@ -67,6 +77,35 @@ describe('v86 disk adapter', () => {
       expect(await boot(createV86Disk(blk, { id: 'guest' }))).toBe(okLine(2));
       // Nothing else changed: the boot sector and the pattern sector are the base's.
       expect(await blk.read(0, 1024)).toEqual(img.subarray(0, 1024));
+    } finally {
+      await close();
+    }
+  }, 90_000);
+
+  it('saves v86 state with a small disk token after a flush, and restores it over the same image', async () => {
+    const img = buildGuestDisk();
+    const { blk, close } = await memoryBackend(img);
+    try {
+      const disk = createV86Disk(blk, { id: 'guest' });
+      const emu = emulatorFor(disk);
+      expect(await qblockLine(emu)).toBe(okLine(1));
+      const state = await saveState(emu, [disk]);
+      await emu.destroy();
+      // The guest's write is in the image, not in the state: the disk's part of it is [length, id].
+      expect(Array.from(await blk.read(WRITE_SECTOR * 512, 6))).toEqual([...'WROTE'].map((c) => c.charCodeAt(0)).concat([1]));
+      expect(disk.get_state()).toEqual([img.length, 'guest']);
+      expect(state.byteLength).toBeLessThan(8 << 20);
+      // Restoring needs a disk of the same length and id.
+      const again = createV86Disk(blk, { id: 'guest' });
+      const emu2 = emulatorFor(again, false);
+      await new Promise<void>((r) => emu2.add_listener('emulator-loaded', () => r()));
+      await emu2.restore_state(state);
+      await emu2.destroy();
+      const other = createV86Disk(blk, { id: 'other' });
+      const emu3 = emulatorFor(other, false);
+      await new Promise<void>((r) => emu3.add_listener('emulator-loaded', () => r()));
+      await expect(emu3.restore_state(state)).rejects.toThrow(/another disk/);
+      await emu3.destroy();
     } finally {
       await close();
     }

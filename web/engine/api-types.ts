@@ -61,6 +61,8 @@ export interface EngineTestApi {
   download(path: string, filename: string): Promise<CallResult<number>>;
   /** Converts open image `id` to `format` (engine convert) and starts the File's download as `filename`; returns its size. */
   downloadExport(id: string, format: string, filename: string): Promise<CallResult<number>>;
+  /** Reads image `id` through exportRaw()'s stream: total bytes, their checksum, and the progress reports seen. */
+  rawStream(id: string): Promise<CallResult<{ bytes: number; sum: number; reports: Array<[number, number]> }>>;
   /** Opens a channel on backend `name` and runs `ops` in an emulator-style worker. */
   channel(name: string, ops: ChannelOp[], capacity?: number): Promise<CallResult<ChannelResult[]>>;
   /** Boots v86 from backend `name` through the disk adapter; resolves with the guest's QBLOCK line. */

@@ -112,6 +112,23 @@ const api: EngineTestApi = {
 
   downloadExport: (id, format, filename) => guard(async () => saveFile(await engine.exportImage(id, { format, name: filename }), filename)),
 
+  rawStream: (id) =>
+    guard(async () => {
+      const reports: Array<[number, number]> = [];
+      const stream = await engine.exportRaw(id, { progress: (d, t) => reports.push([d, t]) });
+      let bytes = 0;
+      let s = 0;
+      const reader = stream.getReader();
+      for (;;) {
+        const r = await reader.read();
+        if (r.done) break;
+        bytes += r.value.length;
+        for (const b of r.value) s = (s * 31 + b) >>> 0;
+      }
+      await new Promise((r) => setTimeout(r, 50));
+      return { bytes, sum: s, reports };
+    }),
+
   channel: (name, ops, capacity) =>
     guard(async () => {
       const sab = await backend(name).openChannel(capacity);
