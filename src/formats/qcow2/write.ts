@@ -168,6 +168,9 @@ async function writableSlice(s: Qcow2State, gci: number): Promise<SliceRef> {
   const sliceEntries = s.mapping.l2SliceEntries;
   const inTable = gci % s.l2Entries;
   const offset = l2 + Math.floor(inTable / sliceEntries) * sliceEntries * s.l2EntryBytes;
+  // Every caller may change the slice: with lazy refcounts the dirty bit goes to disk first, so an
+  // error there happens before any entry changes (an entry changed but not marked dirty could be lost).
+  await markDirtyIfLazy(s);
   for (;;) {
     const slice = await s.mapping.loadL2Slice(offset, () => `L2 table offset ${hex(l2)} beyond the end of the image file (L1 index: ${hex(l1i)})`);
     // A concurrent load may have evicted it between the load and now; pin what is really cached.
@@ -178,9 +181,8 @@ async function writableSlice(s: Qcow2State, gci: number): Promise<SliceRef> {
   }
 }
 
-/** Marks the slice dirty after the lazy-refcount dirty bit is on disk. */
-async function sliceChanged(s: Qcow2State, ref: SliceRef): Promise<void> {
-  await markDirtyIfLazy(s);
+/** Marks the slice dirty (synchronously, so nothing can fail between changing entries and recording it). */
+function sliceChanged(s: Qcow2State, ref: SliceRef): void {
   s.l2Cache.markDirty(ref.offset);
 }
 
@@ -344,7 +346,7 @@ async function allocatingStep(bs: BlockNode, s: Qcow2State, offset: number, byte
       // A replaced cluster (shared with a snapshot, or compressed) loses this reference.
       if (p.reuse < 0 && (hasHost(s, p.old) || p.old.hi & HI_COMPRESSED)) freeEntry(s, p.old.hi, p.old.lo, 'never');
     }
-    await sliceChanged(s, ref);
+    sliceChanged(s, ref);
     if (run.some((p) => p.old.hi & HI_COMPRESSED)) delete s.lastCompressed;
     return written;
   } finally {
@@ -382,7 +384,6 @@ async function zeroStep(s: Qcow2State, offset: number, bytes: number, unmap: boo
     const l2Offset = entryOffset(...l1Words(s, Math.floor(gci / s.l2Entries)));
     const end = Math.min(offset + bytes, (gci + ref.room) * cs);
     const ext = s.l2EntryBytes === 16;
-    let changed = false;
     for (let c = gci, i = ref.index; c * cs < end; c++, i++) {
       await validateEntry(s, ref, i, l2Offset);
       const cStart = c * cs;
@@ -405,13 +406,13 @@ async function zeroStep(s: Qcow2State, offset: number, bytes: number, unmap: boo
       }
       if (sameEntry(e, old)) continue;
       putEntry(s, ref.slice, i, e);
-      changed = true;
+      // Recorded at once: a later entry may fail validation, and this change must not be lost.
+      sliceChanged(s, ref);
       if (free) {
         freeEntry(s, old.hi, old.lo, 'request');
         if (compressed) delete s.lastCompressed;
       }
     }
-    if (changed) await sliceChanged(s, ref);
     return end - offset;
   } finally {
     s.l2Cache.release(ref.offset);
@@ -464,7 +465,6 @@ export async function clusterDiscard(s: Qcow2State, offset: number, bytes: numbe
     try {
       const l2Offset = entryOffset(...l1Words(s, l1i));
       const stop = Math.min(end, (gci + ref.room) * cs);
-      let changed = false;
       for (let c = gci, i = ref.index; c * cs < stop; c++, i++) {
         await validateEntry(s, ref, i, l2Offset);
         const old = getEntry(s, ref.slice, i);
@@ -478,13 +478,12 @@ export async function clusterDiscard(s: Qcow2State, offset: number, bytes: numbe
         }
         if (sameEntry(e, old)) continue;
         putEntry(s, ref.slice, i, e);
-        changed = true;
+        sliceChanged(s, ref);
         if (allocated) {
           freeEntry(s, old.hi, old.lo, type);
           if (old.hi & HI_COMPRESSED) delete s.lastCompressed;
         }
       }
-      if (changed) await sliceChanged(s, ref);
       cur = stop;
     } finally {
       s.l2Cache.release(ref.offset);
@@ -547,7 +546,7 @@ export async function qcow2PwritevCompressed(bs: BlockNode, offset: number, byte
       await bdrvPwritev(s.bs.file!, host, out.length, out);
       await ev(s, 'l2_update_compressed');
       putEntry(s, ref.slice, ref.index, compressedEntry(s, host, out.length));
-      await sliceChanged(s, ref);
+      sliceChanged(s, ref);
       delete s.lastCompressed;
     } finally {
       s.l2Cache.release(ref.offset);
@@ -649,7 +648,7 @@ async function preallocate(bs: BlockNode, s: Qcow2State, from: number, to: numbe
       const [hi, lo] = offsetWords(host, HI_COPIED);
       // Extended entries keep their bitmap: the subclusters stay unallocated, like QEMU's preallocation.
       putEntry(s, ref.slice, ref.index, s.l2EntryBytes === 16 ? { hi, lo, zero: old.zero, alloc: old.alloc } : { hi, lo, zero: 0, alloc: 0 });
-      await sliceChanged(s, ref);
+      sliceChanged(s, ref);
     } finally {
       s.l2Cache.release(ref.offset);
     }
