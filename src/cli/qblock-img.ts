@@ -1193,7 +1193,7 @@ async function imgBench(img: Img, argv: readonly string[]): Promise<number> {
 
 async function imgCommit(img: Img, argv: readonly string[]): Promise<number> {
   const p = parse(img, argv, 'f:ht:b:dpqr:', [L.object, L.imageOpts]);
-  let fmt: string | undefined, cache = 'unsafe', base: string | undefined;
+  let fmt: string | undefined, cache = 'writeback', base: string | undefined;
   let drop = false, progress = false, quiet = false, imageOpts = false;
   for (const o of p.opts) {
     switch (o.opt) {
@@ -1208,7 +1208,6 @@ async function imgCommit(img: Img, argv: readonly string[]): Promise<number> {
       case OPTION_IMAGE_OPTS: imageOpts = true; break;
     }
   }
-  void drop;
   if (quiet) progress = false;
   if (p.rest.length !== 1) img.errorExit('Expecting one image file name');
   const filename = p.rest[0]!;
@@ -1218,7 +1217,7 @@ async function imgCommit(img: Img, argv: readonly string[]): Promise<number> {
   prog.print(0, 100);
   let failure: unknown = null;
   try {
-    const o: Parameters<typeof commitImage>[1] = { filename, progress: (pct) => prog.print(pct, 0) };
+    const o: Parameters<typeof commitImage>[1] = { filename, drop, progress: (pct) => prog.print(pct, 0) };
     if (base !== undefined) o.base = base;
     await commitImage(blk, o);
   } catch (e) {

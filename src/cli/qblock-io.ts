@@ -1275,10 +1275,6 @@ async function openFile(s: Session, name: string | undefined, o: OpenFlags, opti
     s.report('-U conflicts with image options');
     return false;
   }
-  if (o.snapshot) {
-    s.report(`can't open${where}: snapshot mode (-s) needs a format driver that can create a temporary overlay with writes (qcow2 writes), which this engine does not have yet`);
-    return false;
-  }
   try {
     const spec: Parameters<typeof openBackend>[1] = {
       readOnly: o.readOnly,
@@ -1286,6 +1282,7 @@ async function openFile(s: Session, name: string | undefined, o: OpenFlags, opti
       unmap: o.unmap,
       copyOnRead: o.copyOnRead,
       resize: false,
+      snapshot: o.snapshot,
       onWarning: (m) => s.err(`WARNING: ${m}\n`),
     };
     if (name !== undefined) spec.filename = name;

@@ -20,6 +20,18 @@ function on(cmds: string[], extra: Partial<DiffCase> = {}): DiffCase {
   return io(`-f raw ${cmds.map((c) => `-c '${c}'`).join(' ')} $D/a.raw`, extra);
 }
 
+/** qcow2 images made by qemu-img, a plain one and an overlay on a raw base. */
+const QCOW = [
+  'qemu-img create -q -f qcow2 $D/q.qcow2 1M',
+  "qemu-io -c 'write -P 0x33 0 64k' -c 'write -z 128k 64k' -c 'write -P 0x44 960k 4k' $D/q.qcow2",
+  'qemu-img create -q -f raw -o preallocation=full $D/base.raw 1M',
+  "qemu-io -f raw -c 'write -P 0x55 0 1M' $D/base.raw",
+  'qemu-img create -q -f qcow2 -b base.raw -F raw $D/top.qcow2',
+  "qemu-io -c 'write -P 0x66 64k 64k' $D/top.qcow2",
+  'qemu-img create -q -f qcow2 -o cluster_size=4k $D/small.qcow2 256k',
+  'qemu-img create -q -f qcow2 -o compat=0.10 $D/v2.qcow2 1M',
+];
+
 export const IO_CASES: DiffCase[] = [
   // --- top-level options and usage
   io('-h', { files: [] }),
@@ -327,6 +339,20 @@ export const IO_CASES: DiffCase[] = [
   io('-i native -f raw -c "read -q 0 512" $D/a.raw'),
   on(['write -zn 0 3G']),
 
+  // --- qcow2 (content checked with qemu-img compare, since cluster placement may differ)
+  ...QCOW_CASES(),
+
+  // --- blkdebug through --image-opts and json:
+  ...BLKDEBUG_CASES(),
+
+  // --- snapshot mode: writes go to a temporary overlay
+  io('-s -f raw -c "write -P 9 0 4k" -c "read -P 9 0 4k" -c map -c info $D/a.raw'),
+  io('-s -c "write -P 9 0 4k" -c "read -P 9 0 4k" $D/a.raw'),
+  io('-s -r -f raw -c "write 0 4k" -c "read -q 0 1" $D/a.raw'),
+  io('-s -f raw -c "truncate 2M" -c length -c "read -P 0 1M 1M" $D/a.raw'),
+  io('-c "open -s -o driver=raw $D/a.raw" -c "write -q 0 4k" -c length'),
+  io('-s -f raw -c "write -z 0 64k" -c "alloc 0 1M" -c "discard 0 64k" -c map $D/a.raw'),
+
   // --- breakpoints without blkdebug
   on(['break x y']),
   on(['break write_aio y']),
@@ -335,3 +361,79 @@ export const IO_CASES: DiffCase[] = [
   on(['break x']),
   on(['resume']),
 ];
+
+function qc(cmds: string[], image = 'q.qcow2', extra: Partial<DiffCase> = {}): DiffCase {
+  return { setup: QCOW, cmd: `${cmds.map((c) => `-c '${c}'`).join(' ')} $D/${image}`, images: [image], ...extra };
+}
+
+function QCOW_CASES(): DiffCase[] {
+  return [
+    qc(['info']),
+    qc(['length']),
+    qc(['map']),
+    qc(['alloc 0 1M']),
+    qc(['alloc 0 64k', 'alloc 64k 64k', 'alloc 128k 64k', 'alloc 960k 64k']),
+    qc(['read -P 0x33 0 64k', 'read -P 0 64k 64k', 'read -P 0 128k 64k', 'read -P 0x44 960k 4k']),
+    qc(['read -v 65530 12']),
+    qc(['write -P 7 64k 4k', 'read -P 7 64k 4k', 'map']),
+    qc(['write -P 7 1000 100', 'read -v 992 32']),
+    qc(['write -z 0 64k', 'map', 'read -P 0 0 64k']),
+    qc(['write -z -u 0 64k', 'map', 'alloc 0 64k']),
+    qc(['write -c 0 64k', 'read -P 0xcd 0 64k', 'map']),
+    qc(['write -c 0 4k']),
+    qc(['discard 0 64k', 'map', 'read -P 0 0 64k']),
+    qc(['writev -P 5 4k 4k 8k', 'readv -P 5 4k 12k']),
+    qc(['aio_write -P 8 256k 64k', 'aio_flush', 'aio_read -P 8 256k 64k', 'aio_flush']),
+    qc(['truncate 2M', 'length', 'map']),
+    qc(['truncate 512k', 'length', 'map']),
+    qc(['flush', 'info']),
+    qc(['write 1M 1', 'read 1M 1']),
+    qc(['info'], 'top.qcow2'),
+    qc(['map'], 'top.qcow2'),
+    qc(['alloc 0 1M'], 'top.qcow2'),
+    qc(['read -P 0x55 0 64k', 'read -P 0x66 64k 64k', 'read -P 0x55 128k 896k'], 'top.qcow2'),
+    qc(['write -P 1 100k 1k', 'read -P 0x66 64k 36k', 'read -P 1 100k 1k', 'map'], 'top.qcow2'),
+    qc(['write -z 0 64k', 'map', 'read -P 0 0 64k'], 'top.qcow2'),
+    qc(['discard 64k 64k', 'map'], 'top.qcow2'),
+    qc(['info', 'map', 'write -P 2 0 8k', 'map'], 'small.qcow2'),
+    qc(['info', 'write -P 1 1k 1k', 'map', 'read -P 0 0 1k'], 'v2.qcow2'),
+    { setup: QCOW, cmd: '-r -c info -c map $D/q.qcow2', images: ['q.qcow2'] },
+    { setup: QCOW, cmd: "-r -c 'write 0 512' $D/q.qcow2", images: ['q.qcow2'] },
+    { setup: QCOW, cmd: "-f qcow2 -c 'read -P 0x33 0 64k' $D/q.qcow2", images: ['q.qcow2'] },
+    { setup: QCOW, cmd: "-f raw -c 'read -v 0 16' $D/q.qcow2" },
+    { setup: QCOW, cmd: "-f qcow2 -c length $D/base.raw" },
+    { setup: QCOW, cmd: "--image-opts -c 'read -P 0x33 0 64k' driver=qcow2,file.filename=$D/q.qcow2", images: ['q.qcow2'] },
+    { setup: QCOW, cmd: `-c 'read -P 0 64k 64k' -c map 'json:{"driver":"qcow2","file":{"driver":"file","filename":"$D/top.qcow2"},"backing":null}'`, images: ['top.qcow2'] },
+    { setup: QCOW, cmd: "-C -c 'read -P 0x55 0 64k' -c map $D/top.qcow2", images: ['top.qcow2'] },
+    { setup: QCOW, cmd: "-s -c 'write -P 1 0 1M' -c map $D/top.qcow2", images: ['top.qcow2'] },
+  ];
+}
+
+/** raw over blkdebug over a 1 MiB raw file. */
+function bd(opts: string, cmds: string[]): DiffCase {
+  return io(`--image-opts ${cmds.map((c) => `-c '${c}'`).join(' ')} driver=raw,file.driver=blkdebug,file.image.filename=$D/a.raw${opts}`);
+}
+
+function BLKDEBUG_CASES(): DiffCase[] {
+  const inj = (ev: string, extra = ''): string => `,file.inject-error.0.event=${ev}${extra}`;
+  return [
+    io("--image-opts -c 'read 0 512' driver=blkdebug,image.filename=$D/a.raw"),
+    bd('', ['read -P 0 0 512', 'write -P 1 0 512', 'read -P 1 0 512']),
+    bd(inj('read_aio'), ['read 0 512']),
+    bd(inj('read_aio', ',file.inject-error.0.once=on'), ['read 0 512', 'read -q 0 512']),
+    bd(inj('pwritev', ',file.inject-error.0.errno=28'), ['write 0 512', 'write 0 512']),
+    bd(inj('pwritev', ',file.inject-error.0.errno=28,file.inject-error.0.once=on'), ['write 0 512', 'write -q 0 512']),
+    bd(inj('pwritev', ',file.inject-error.0.errno=5'), ['aio_write 0 512', 'aio_flush']),
+    bd(inj('pwritev_zero'), ['write -z 0 64k']),
+    bd(inj('flush_to_disk'), ['read -q 0 512', 'flush']),
+    bd(inj('read_aio', ',file.inject-error.0.sector=8'), ['read -q 0 4k', 'read 4k 4k']),
+    bd(inj('read_aio', ',file.inject-error.0.iotype=write'), ['read -q 0 512']),
+    bd('', ['break pwritev A', 'aio_write -P 3 0 512', 'wait_break A', 'read -P 0 0 512', 'resume A', 'aio_flush', 'read -P 3 0 512']),
+    bd('', ['break read_aio B', 'aio_read -P 0 0 512', 'wait_break B', 'resume B', 'aio_flush']),
+    bd('', ['remove_break X', 'break foo X', 'break read_aio X', 'remove_break X']),
+    bd('', ['resume nothing']),
+    bd('', ['break pwritev_done C', 'aio_write 0 4k', 'wait_break C', 'resume C', 'aio_flush']),
+    bd('', ['map', 'alloc 0 1M', 'length']),
+    io(`-c 'read -P 0 0 512' 'json:{"driver":"raw","file":{"driver":"blkdebug","image":{"driver":"file","filename":"$D/a.raw"}}}'`),
+  ];
+}

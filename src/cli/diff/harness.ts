@@ -10,7 +10,7 @@
  * (qemu-img → qblock-img, qemu-io → qblock-io).
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { cpSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { BufferedIO } from '../runtime.ts';
@@ -27,6 +27,13 @@ export interface DiffCase {
   stdin?: string;
   /** Files (relative to `$D`) whose bytes must match after the run. */
   files?: string[];
+  /**
+   * Images (relative to `$D`) whose guest-visible content must match after
+   * the run, checked with the real `qemu-img compare`; ours must also pass
+   * `qemu-img check`. For formats whose byte layout may legitimately differ
+   * (qcow2 cluster placement).
+   */
+  images?: string[];
   /** Further regular expressions to blank in both outputs, each with the reason it cannot match. */
   mask?: Array<{ re: RegExp; why: string }>;
 }
@@ -161,6 +168,25 @@ function signalOf(status: number): number | string {
   return table[status] ?? status;
 }
 
+/** Compares guest content of each image between the two runs with qemu-img, and checks ours. */
+async function compareImagesWithQemu(qdir: string, odir: string, names: string[] | undefined): Promise<Record<string, string>> {
+  const out: Record<string, string> = {};
+  for (const n of names ?? []) {
+    const qHas = existsSync(join(qdir, n));
+    const oHas = existsSync(join(odir, n));
+    if (!qHas || !oHas) {
+      out[n] = qHas === oHas ? 'absent' : `${qHas ? 'only QEMU' : 'only ours'} created it`;
+      continue;
+    }
+    const cmp = await runQemu(['qemu-img', 'compare', '-U', join(qdir, n), join(odir, n)], qdir, undefined);
+    let verdict = cmp.status === 0 ? 'same content' : `content differs (${cmp.stdout.trim()}${cmp.stderr.trim()})`;
+    const chk = await runQemu(['qemu-img', 'check', '-U', join(odir, n)], odir, undefined);
+    if (chk.status !== 0 && chk.status !== 63) verdict += `; ours fails qemu-img check (${chk.status}): ${chk.stdout.trim()} ${chk.stderr.trim()}`;
+    out[n] = verdict.split(odir).join('$D').split(qdir).join('$D');
+  }
+  return out;
+}
+
 function readFiles(dir: string, names: string[] | undefined): Record<string, string> {
   const out: Record<string, string> = {};
   for (const n of names ?? []) {
@@ -235,18 +261,21 @@ export async function runCase(c: ToolCase): Promise<{ qemu: RunResult; ours: Run
         return { stdout: io.out, stderr: io.err, status: status >= 128 && io.signals.length > 0 ? io.signals[io.signals.length - 1]! : signalOf(status) };
       })(),
     ]);
+    const imageVerdicts = await compareImagesWithQemu(qdir, odir, c.images);
+    const expectImages: Record<string, string> = {};
+    for (const n of c.images ?? []) expectImages[n] = existsSync(join(qdir, n)) ? 'same content' : 'absent';
     return {
       qemu: {
         stdout: maskOutput(renamePrograms(q.stdout), qdir, c.mask),
         stderr: maskOutput(renamePrograms(q.stderr), qdir, c.mask),
         status: q.status,
-        files: readFiles(qdir, c.files),
+        files: { ...readFiles(qdir, c.files), ...expectImages },
       },
       ours: {
         stdout: maskOutput(o.stdout, odir, c.mask),
         stderr: maskOutput(o.stderr, odir, c.mask),
         status: o.status,
-        files: readFiles(odir, c.files),
+        files: { ...readFiles(odir, c.files), ...imageVerdicts },
       },
     };
   } finally {

@@ -48,7 +48,14 @@ export interface CommitOptions {
   base?: string;
   /** Display name of the top image, for messages. */
   filename: string;
+  /** Leave the top image as it is afterwards (-d, or implied by -b). */
+  drop?: boolean;
   progress?: (percent: number) => void;
+}
+
+/** Whether the driver can empty an image (QEMU's bdrv_make_empty); none of ours can yet. */
+function canMakeEmpty(_bs: BlockNode): boolean {
+  return false;
 }
 
 /**
@@ -64,6 +71,10 @@ export async function commitImage(blk: BlockBackend, opts: CommitOptions): Promi
   } else {
     base = backingChainNext(bs);
     if (!base) throw new BlockError('EINVAL', 'Image does not have a backing file');
+  }
+  if (!opts.drop && bs.drv.supportsBacking && !canMakeEmpty(bs)) {
+    // Checked before anything is copied, so a refusal changes nothing.
+    throw new BlockError('ENOTSUP', `Emptying the top image after the commit is not supported by the '${bs.drv.name}' driver of this engine; use -d to commit without emptying it`);
   }
   const graph = bs.graph;
   // The base is opened read-only as part of the chain; commit needs to write it.
@@ -130,6 +141,10 @@ export async function rebaseImage(graph: Graph, blk: BlockBackend, opts: RebaseO
   const bs = blk.bs!;
   const top = skipFilters(bs);
   if (opts.backingFmt !== undefined && !graph.drivers.has(opts.backingFmt)) throw new BlockError('EINVAL', `Invalid format name: '${opts.backingFmt}'`);
+  if (top.drv.supportsBacking && !top.drv.changeBackingFile) {
+    // A format that has backing files but whose driver here cannot rewrite the reference: refuse before copying anything.
+    throw new BlockError('ENOTSUP', `Could not change the backing file to '${opts.backing ?? ''}': Operation not supported (the '${top.drv.name}' driver of this engine cannot rewrite its backing file reference yet)`);
+  }
   if (!opts.unsafe) {
     const oldBacking = filterOrCowBs(top);
     let newBlk: BlockBackend | null = null;

@@ -9,6 +9,8 @@ import { BlockBackend } from '../block-backend.ts';
 import { BlockError, toBlockError } from '../errors.ts';
 import type { Graph } from '../graph.ts';
 import { OPEN, PERM, type BlockdevOptions } from '../types.ts';
+import { deleteMemoryStore } from '../../protocols/memory.ts';
+import { createContext } from './create.ts';
 
 /** Cache settings a cache mode name stands for (QEMU's bdrv_parse_cache_mode). */
 export interface CacheMode {
@@ -99,7 +101,20 @@ export function crumple(flat: Record<string, unknown>): BlockdevOptions {
     if (typeof node[last] === 'object' && node[last] !== null) throw new BlockError('EINVAL', `Cannot mix scalar and non-scalar keys: '${key}'`);
     node[last] = BOOL_KEYS.has(last) && typeof value === 'string' ? boolText(key, value) : value;
   }
-  return out as BlockdevOptions;
+  return listify(out) as BlockdevOptions;
+}
+
+/** Dictionaries whose keys are exactly 0..n-1 become lists, as in qdict_crumple ("inject-error.0.event"). */
+function listify(v: unknown): unknown {
+  if (v === null || typeof v !== 'object' || Array.isArray(v)) return v;
+  const o = v as Record<string, unknown>;
+  const keys = Object.keys(o);
+  for (const k of keys) o[k] = listify(o[k]);
+  if (keys.length > 0 && keys.every((k) => /^(0|[1-9][0-9]*)$/.test(k))) {
+    const n = keys.length;
+    if (keys.every((k) => Number(k) < n)) return Array.from({ length: n }, (_, i) => o[String(i)]);
+  }
+  return o;
 }
 
 function boolText(key: string, v: string): boolean | string {
@@ -155,6 +170,11 @@ export interface ImageOpenSpec {
   noBacking?: boolean;
   /** More blockdev options merged into the format node's (qemu-io `open -o`). */
   options?: BlockdevOptions;
+  /**
+   * Open a temporary qcow2 overlay on top of the image and use that (QEMU's
+   * snapshot=on, qemu-io -s): writes go to the overlay and vanish at close.
+   */
+  snapshot?: boolean;
   /** AIO engine name ('threads', 'native', 'io_uring'); only validated. */
   aio?: string;
   /** Take the resize permission too (qemu-img resize). */
@@ -169,6 +189,7 @@ export interface ImageOpenSpec {
  * QEMU's message; callers add their tool's prefix.
  */
 export async function openBackend(graph: Graph, spec: ImageOpenSpec): Promise<BlockBackend> {
+  if (spec.snapshot) return openWithTempOverlay(graph, spec);
   let flags = spec.readOnly ? 0 : OPEN.RDWR;
   let writethrough = false;
   const generic: BlockdevOptions = {};
@@ -237,17 +258,20 @@ export async function openBackend(graph: Graph, spec: ImageOpenSpec): Promise<Bl
     graph.onWarning = prevWarn;
   }
   if (writethrough) blk.setEnableWriteCache(false);
+  // QEMU applies rerror/werror only for guest devices; the tools' requests just fail.
+  blk.setOnError('report', 'report');
   return blk;
 }
 
 /**
- * Gives `file`/`data-file` children that name no driver their protocol
+ * Gives storage children (file, data-file, a filter's image) that name no driver their protocol
  * driver, as QEMU opens those children as protocols (never probing a format
  * inside them): the prefix's protocol, or the graph's default for plain names.
  */
 function withProtocolDrivers(graph: Graph, opts: BlockdevOptions): BlockdevOptions {
   const out: BlockdevOptions = { ...opts };
-  for (const key of ['file', 'data-file'] as const) {
+  // blkdebug's and blkverify's images are protocol-level children too.
+  for (const key of ['file', 'data-file', 'image', 'test', 'raw'] as const) {
     const child = out[key];
     if (child === undefined || typeof child !== 'object' || child === null) continue;
     const c = { ...(child as BlockdevOptions) };
@@ -269,6 +293,43 @@ function withProtocolDrivers(graph: Graph, opts: BlockdevOptions): BlockdevOptio
     out[key] = withProtocolDrivers(graph, c);
   }
   return out;
+}
+
+let tempCounter = 0;
+
+/**
+ * QEMU's bdrv_append_temp_snapshot: the image is opened read-only, like a
+ * backing file, and a new qcow2 image of the same size is put on top of it.
+ * The overlay lives in a private memory store whose name is forgotten as
+ * soon as it is open, so it disappears with the node (QEMU unlinks its
+ * temporary file the same way).
+ */
+async function openWithTempOverlay(graph: Graph, spec: ImageOpenSpec): Promise<BlockBackend> {
+  const qcow2 = graph.drivers.get('qcow2');
+  const mem = graph.findProtocol('memory');
+  if (!qcow2?.create || !mem) throw new BlockError('ENOTSUP', "snapshot mode needs the 'qcow2' format and the 'memory' protocol, which this graph lacks");
+  const base = await openBackend(graph, { ...spec, snapshot: false, readOnly: true });
+  const baseBs = base.bs!;
+  baseBs.refcnt++;
+  await base.close();
+  const name = `memory:qblock-snapshot-${++tempCounter}-${Math.random().toString(36).slice(2)}`;
+  try {
+    const size = baseBs.totalBytes;
+    await qcow2.create(name, { size }, createContext(graph));
+    const rw = !spec.readOnly;
+    const overlay = await graph.open({ driver: 'qcow2', file: { driver: mem.name, filename: name }, backing: baseBs.nodeName }, (rw ? OPEN.RDWR : 0) | (spec.unmap ? OPEN.UNMAP : 0));
+    const blk = new BlockBackend(graph, { perm: PERM.CONSISTENT_READ | (rw ? PERM.WRITE | PERM.RESIZE : 0), sharedPerm: PERM.ALL });
+    try {
+      blk.insertNode(overlay);
+    } finally {
+      await graph.unref(overlay);
+    }
+    blk.setOnError('report', 'report');
+    return blk;
+  } finally {
+    deleteMemoryStore(name.slice('memory:'.length));
+    await graph.unref(baseBs);
+  }
 }
 
 /** Requests `perm` in addition to what the backend holds (QEMU's blk_set_perm in qemu-io's command()). */

@@ -15,6 +15,18 @@ function fallback(bs: BlockNode): BlockNode | null {
   return bs.primaryChild?.bs ?? null;
 }
 
+/**
+ * The first node at or below `bs` whose driver keeps snapshots but cannot do
+ * `what`: then the error names the missing capability instead of QEMU's
+ * generic "not supported", because QEMU's driver for that format can.
+ */
+function partialSupport(bs: BlockNode, what: 'create' | 'apply' | 'delete'): string | null {
+  for (let n: BlockNode | null = bs; n; n = fallback(n)) {
+    if (n.drv.snapshotList) return `the '${n.drv.name}' driver of this engine can list internal snapshots but cannot ${what} them yet`;
+  }
+  return null;
+}
+
 /** Snapshots of `bs`, or an empty list when the driver keeps none (dump_snapshots prints nothing then). */
 export async function listSnapshots(bs: BlockNode): Promise<SnapshotInfo[]> {
   try {
@@ -39,7 +51,8 @@ export async function createSnapshot(bs: BlockNode, name: string, now: Date = ne
       }
     }
   }
-  throw new BlockError('ENOTSUP', `Could not create snapshot '${name}': -95 (${STRERROR.ENOTSUP})`);
+  const why = partialSupport(bs, 'create');
+  throw new BlockError('ENOTSUP', `Could not create snapshot '${name}': -95 (${STRERROR.ENOTSUP})${why ? ` (${why})` : ''}`);
 }
 
 /** QEMU's bdrv_snapshot_goto; errors read "Could not apply snapshot '…': …". */
@@ -54,7 +67,8 @@ export async function applySnapshot(bs: BlockNode, name: string): Promise<void> 
       }
     }
   }
-  throw new BlockError('ENOTSUP', `Could not apply snapshot '${name}': Block driver does not support snapshots`);
+  const why = partialSupport(bs, 'apply');
+  throw new BlockError('ENOTSUP', `Could not apply snapshot '${name}': ${why ? `Operation not supported (${why})` : 'Block driver does not support snapshots'}`);
 }
 
 /** QEMU's bdrv_snapshot_find then bdrv_snapshot_delete, with qemu-img's messages. */
@@ -72,7 +86,8 @@ export async function deleteSnapshot(bs: BlockNode, name: string): Promise<void>
       }
     }
   }
-  throw new BlockError('ENOTSUP', `Could not delete snapshot '${name}': Block format '${bs.drv.name}' used by device '${bs.displayName}' does not support internal snapshots`);
+  const why = partialSupport(bs, 'delete');
+  throw new BlockError('ENOTSUP', `Could not delete snapshot '${name}': Operation not supported${why ? ` (${why})` : ''}`);
 }
 
 function errnoOf(code: keyof typeof STRERROR): number {
