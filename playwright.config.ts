@@ -1,5 +1,6 @@
 import { defineConfig } from '@playwright/test';
 import { CHROMIUM_ARGS, CHROMIUM_PATH, E2E_BASE_URL, E2E_PORT } from './e2e/chromium.ts';
+import { INSPECTOR_BASE_URL, INSPECTOR_OUT_DIR, INSPECTOR_PORT } from './e2e/inspector-server.ts';
 
 const CI = !!process.env.CI;
 
@@ -24,12 +25,25 @@ export default defineConfig({
     trace: 'retain-on-failure',
   },
   projects: [{ name: 'chromium' }],
-  webServer: {
-    command: `npx vite --config web/vite.config.ts --port ${E2E_PORT} --strictPort`,
-    url: E2E_BASE_URL,
-    reuseExistingServer: !CI,
-    timeout: 60_000,
-    stdout: 'ignore',
-    stderr: 'pipe',
-  },
+  webServer: [
+    {
+      command: `npx vite --config web/vite.config.ts --port ${E2E_PORT} --strictPort`,
+      url: E2E_BASE_URL,
+      reuseExistingServer: !CI,
+      timeout: 60_000,
+      stdout: 'ignore',
+      stderr: 'pipe',
+    },
+    {
+      // e2e/inspector*.spec.ts: the built app exactly as the README's `npm start` serves it
+      // (demo generation, vite build, vite preview), on its own port and output directory.
+      command: 'npm start',
+      env: { QBLOCK_PORT: String(INSPECTOR_PORT), QBLOCK_OUT_DIR: INSPECTOR_OUT_DIR },
+      url: INSPECTOR_BASE_URL,
+      reuseExistingServer: !CI,
+      timeout: 180_000,
+      stdout: 'ignore',
+      stderr: 'pipe',
+    },
+  ],
 });

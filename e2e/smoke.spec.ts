@@ -10,7 +10,7 @@ type PageProbe = ProbeResult & { pageCrossOriginIsolated: boolean; error?: strin
 /** Opens the app, waits for the worker probe and returns what it reported. */
 async function runProbe(page: Page): Promise<PageProbe> {
   await page.goto('/');
-  await expect(page.locator('h1')).toHaveText('qblock image inspector (coming soon)');
+  await expect(page.locator('h1')).toHaveText('qblock image inspector');
   const out = page.locator('#probe[data-state="done"]');
   await expect(out).toBeAttached({ timeout: 20_000 });
   return JSON.parse((await out.textContent()) ?? '{}') as PageProbe;

@@ -11,3 +11,4 @@ export { createV86Disk, saveState, V86Disk, type V86DiskOptions, type V86DiskSta
 export { registerEngineTransferHandlers } from './transfer.ts';
 export type * from '../worker/types.ts';
 export { BlockError, isBlockError, type ErrnoCode } from '../core/errors.ts';
+export { connectInspector, InspectorClient } from './inspect.ts';

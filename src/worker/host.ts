@@ -9,7 +9,7 @@
  * engine's (src/core/img, src/core/map.ts); the host only finds the nodes,
  * runs them in the worker and shapes the answers for structured clone.
  */
-import { transfer, type ProxyMarked } from 'comlink';
+import { proxy, transfer, type ProxyMarked } from 'comlink';
 import { BlockBackend } from '../core/block-backend.ts';
 import type { MeasureInfo } from '../core/driver.ts';
 import { BlockError, isBlockError, toBlockError } from '../core/errors.ts';
@@ -28,6 +28,7 @@ import { browserDrivers } from '../drivers-browser.ts';
 import { usingWasm } from '../kernels/index.ts';
 import { opfsCanonicalPath, opfsList, opfsRemove, opfsRename, opfsSyncAvailable, type OpfsEntry } from '../protocols/opfs.ts';
 import { BackendService, proxied } from './backend-service.ts';
+import { InspectService } from './inspect.ts';
 import { Job, JobBackend, runJob, type ProgressSink } from './jobs.ts';
 import type { AttachOptions, ChainEntry, ConvertOptions, CreateImageOptions, EngineEnv, ExportOptions, ImageSource, ImageSummary, OpenOptions, StorageReport } from './types.ts';
 
@@ -519,6 +520,14 @@ export class EngineHost {
       await src.close().catch(() => undefined);
       await out?.close().catch(() => undefined);
     }
+  }
+
+  private inspectService: InspectService | undefined;
+
+  /** The inspector's queries over this host's images (./inspect.ts), as a comlink proxy. */
+  inspector(): InspectService & ProxyMarked {
+    this.inspectService ??= new InspectService(this);
+    return proxy(this.inspectService);
   }
 
   /** Closes an image: its backends first (flushed), then the node and whatever only it used. */

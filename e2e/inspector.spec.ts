@@ -1,0 +1,339 @@
+// The web inspector as a newcomer gets it from `npm start` (the built app,
+// served by playwright.config.ts's second web server): the demo on first
+// load, images made by qemu-img opened from a file input and compared with
+// qemu-img info/map, OPFS create/check/convert/download against qemu-img
+// convert, offline reloads through the service worker, a cancellable large
+// convert, a 1 TiB allocation map, URLs, keyboard use and phone layout.
+
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { Page, TestInfo } from '@playwright/test';
+import { expect, test } from './fixtures.ts';
+import { INSPECTOR_BASE_URL } from './inspector-server.ts';
+
+test.use({ baseURL: INSPECTOR_BASE_URL });
+
+/** Runs a command and returns its stdout; throws with stderr when it fails. */
+function run(cmd: string, args: string[], cwd?: string): string {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', cwd });
+  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr || r.stdout}`);
+  return r.stdout;
+}
+
+/** A fresh temporary directory (the test removes it). */
+function tempDir(): string {
+  return mkdtempSync(join(tmpdir(), 'qblock-inspector-'));
+}
+
+/** Console errors and uncaught exceptions of a page, collected from now on. */
+function collectErrors(page: Page): string[] {
+  const errors: string[] = [];
+  page.on('console', (m) => {
+    if (m.type() === 'error') errors.push(`console: ${m.text()}`);
+  });
+  page.on('pageerror', (e) => errors.push(`pageerror: ${e.message}`));
+  return errors;
+}
+
+/** Opens the inspector and waits until it has started (demo opened, library listed). */
+async function openInspector(page: Page): Promise<void> {
+  await page.goto(`${INSPECTOR_BASE_URL}/`);
+  await expect(page.locator('body[data-ready="true"]')).toBeAttached({ timeout: 30_000 });
+}
+
+/** Attaches a screenshot to the report (and keeps it in the test's output directory). */
+async function shot(page: Page, testInfo: TestInfo, name: string, fullPage = false): Promise<void> {
+  const path = testInfo.outputPath(`${name}.png`);
+  await page.screenshot({ path, fullPage });
+  await testInfo.attach(name, { path, contentType: 'image/png' });
+}
+
+/** Switches to a tab by name. */
+async function tab(page: Page, name: string): Promise<void> {
+  await page.getByRole('tab', { name }).click();
+  await expect(page.locator(`#tabpanel[data-tab="${name}"]`)).toBeVisible();
+}
+
+/** Creates an image with the library's form; the inspector opens it when done. */
+async function createImage(page: Page, name: string, size: string, format = 'qcow2', options: Record<string, string> = {}): Promise<void> {
+  const details = page.getByTestId('create-details');
+  if (!(await details.evaluate((d) => (d as HTMLDetailsElement).open))) await details.locator(':scope > summary').click();
+  await page.locator('#create-format').selectOption(format);
+  await page.locator('#create-name').fill(name);
+  await page.locator('#create-size').fill(size);
+  for (const [k, v] of Object.entries(options)) await page.locator(`#create-${k}`).selectOption(v);
+  await page.getByTestId('create-form').getByRole('button', { name: 'Create' }).click();
+  await expect(page.getByTestId('create-done')).toContainText(`Created ${name}`, { timeout: 20_000 });
+  await expect(page.getByTestId('image-title')).toHaveText(name, { timeout: 20_000 });
+}
+
+/** A unique image name per run, so persistent profiles and reruns never collide. */
+function unique(stem: string, ext = 'qcow2'): string {
+  return `${stem}-${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}.${ext}`;
+}
+
+/** The map entries the inspector lists, in qemu-img map's JSON fields (QEMU 7.2 prints no "compressed"). */
+async function mapEntries(page: Page): Promise<Array<Record<string, unknown>>> {
+  await tab(page, 'Allocation map');
+  await expect(page.locator('[data-testid="map-status"][data-state="done"]')).toBeAttached({ timeout: 30_000 });
+  await expect(page.getByTestId('map-entries')).toHaveAttribute('data-complete', 'true');
+  const rows = await page.locator('[data-testid="map-entries"] tr[data-entry]').evaluateAll((trs) => trs.map((tr) => (tr as HTMLElement).dataset.entry ?? '{}'));
+  return rows.map((r) => {
+    const e = JSON.parse(r) as Record<string, unknown>;
+    delete e.compressed;
+    return e;
+  });
+}
+
+test('npm start serves the inspector on the demo: header, chain picture and allocation map', async ({ page }, testInfo) => {
+  const errors = collectErrors(page);
+  await page.setViewportSize({ width: 1280, height: 800 });
+  await openInspector(page);
+  await expect(page.getByTestId('image-title')).toHaveText('demo/overlay.qcow2');
+  // Header fields, decoded from the image file by the engine.
+  await expect(page.locator('[data-testid="header-fields"] [data-field="magic"]')).toHaveText('0x514649fb');
+  await expect(page.locator('[data-testid="header-fields"] [data-field="size"]')).toHaveText('67108864');
+  // The chain picture: the overlay and its base.
+  await expect(page.locator('[data-testid="chain"] figure')).toHaveCount(2);
+  await expect(page.locator('[data-testid="chain"] figure').nth(1)).toContainText('demo/base.qcow2');
+  // Snapshot, bitmaps and the GPT the demo generator wrote.
+  await expect(page.getByTestId('snapshots')).toContainText('installed');
+  await expect(page.getByTestId('bitmaps')).toContainText('backup-0');
+  await expect(page.getByTestId('partitions')).toContainText('EFI System');
+  await expect(page.getByTestId('partitions')).toContainText('Linux filesystem');
+  await shot(page, testInfo, 'demo-overview-1280x800');
+  await shot(page, testInfo, 'demo-overview-1280x800-full', true);
+
+  await tab(page, 'Allocation map');
+  await expect(page.locator('[data-testid="map-status"][data-state="done"]')).toBeAttached({ timeout: 20_000 });
+  const legend = page.getByTestId('map-legend');
+  for (const kind of ['data', 'compressed', 'zero', 'backing layer 1', 'unallocated']) {
+    expect(Number(await legend.locator(`li[data-cat="${kind}"]`).getAttribute('data-bytes')), kind).toBeGreaterThan(0);
+  }
+  expect(Number(await page.getByTestId('alloc-canvas').getAttribute('data-cells'))).toBe(1024);
+  await shot(page, testInfo, 'demo-map-1280x800');
+
+  for (const t of ['Tables', 'Hex', 'Actions']) {
+    await tab(page, t);
+    await page.waitForTimeout(500);
+    await shot(page, testInfo, `demo-${t.toLowerCase()}-1280x800`);
+  }
+  await expect(page.getByTestId('l1-table')).toHaveCount(0);
+  expect(errors).toEqual([]);
+});
+
+test('phone-sized viewport: the demo reads on 390x844', async ({ page }, testInfo) => {
+  const errors = collectErrors(page);
+  await page.setViewportSize({ width: 390, height: 844 });
+  await openInspector(page);
+  await expect(page.getByTestId('image-title')).toHaveText('demo/overlay.qcow2');
+  // Nothing wider than the screen: the page never scrolls sideways.
+  expect(await page.evaluate(() => document.documentElement.scrollWidth)).toBeLessThanOrEqual(390);
+  await shot(page, testInfo, 'demo-overview-390x844');
+  await tab(page, 'Allocation map');
+  await expect(page.locator('[data-testid="map-status"][data-state="done"]')).toBeAttached({ timeout: 20_000 });
+  expect(await page.evaluate(() => document.documentElement.scrollWidth)).toBeLessThanOrEqual(390);
+  await shot(page, testInfo, 'demo-map-390x844');
+  await tab(page, 'Hex');
+  await expect(page.getByTestId('hex-dump')).toContainText('0000000000');
+  expect(await page.evaluate(() => document.documentElement.scrollWidth)).toBeLessThanOrEqual(390);
+  await shot(page, testInfo, 'demo-hex-390x844');
+  expect(errors).toEqual([]);
+});
+
+test('an image made by qemu-img, opened with the file input, matches qemu-img info and map', async ({ page }, testInfo) => {
+  const errors = collectErrors(page);
+  const dir = tempDir();
+  try {
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=131072,lazy_refcounts=on,refcount_bits=32', 'base.qcow2', '100M'], dir);
+    run('qemu-io', ['-f', 'qcow2', '-c', 'write -q -P 0xab 0 1M', '-c', 'write -q -P 0x5a 20M 384k', '-c', 'write -q -c -P 0x11 40M 512k', 'base.qcow2'], dir);
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', '-o', 'cluster_size=65536', 'overlay.qcow2'], dir);
+    run('qemu-io', ['-f', 'qcow2', '-c', 'write -q -P 0xcd 512k 1M', '-c', 'write -q -z 20M 128k', '-c', 'write -q -c -P 0x22 60M 256k', 'overlay.qcow2'], dir);
+    await openInspector(page);
+
+    for (const [files, top] of [[['base.qcow2'], 'base.qcow2'], [['overlay.qcow2', 'base.qcow2'], 'overlay.qcow2']] as const) {
+      await page.locator('#file-input').setInputFiles(files.map((f) => join(dir, f)));
+      await expect(page.getByTestId('image-title')).toHaveText(top);
+      const info = JSON.parse(run('qemu-img', ['info', '--output=json', join(dir, top)])) as Record<string, unknown> & { 'format-specific': { data: Record<string, unknown> } };
+      const summary = page.getByTestId('image-summary');
+      expect(JSON.parse((await summary.locator('[data-key="virtual-size"]').getAttribute('data-value')) ?? 'null')).toBe(info['virtual-size']);
+      expect(JSON.parse((await summary.locator('[data-key="cluster-size"]').getAttribute('data-value')) ?? 'null')).toBe(info['cluster-size']);
+      expect(JSON.parse((await summary.locator('[data-key="format"]').getAttribute('data-value')) ?? 'null')).toBe(info.format);
+      const spec = await page.locator('[data-testid="format-specific"] [data-key^="fs:"]').evaluateAll((els) =>
+        Object.fromEntries(els.map((el) => [(el as HTMLElement).dataset.key!.slice(3), JSON.parse((el as HTMLElement).dataset.value!) as unknown])),
+      );
+      expect(spec).toEqual(info['format-specific'].data);
+      if (top === 'overlay.qcow2') await expect(page.locator('[data-testid="chain"] figure')).toHaveCount(2);
+      const qemuMap = JSON.parse(run('qemu-img', ['map', '--output=json', join(dir, top)])) as unknown[];
+      expect(await mapEntries(page)).toEqual(qemuMap);
+      await shot(page, testInfo, `qemu-${top.replace('.', '-')}-map`);
+      await tab(page, 'Overview');
+    }
+    expect(errors).toEqual([]);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('create in OPFS, check, convert to raw and download: identical to qemu-img convert', async ({ page }, testInfo) => {
+  const errors = collectErrors(page);
+  const dir = tempDir();
+  try {
+    await openInspector(page);
+    const name = unique('fresh');
+    await createImage(page, name, '24M');
+    await tab(page, 'Actions');
+    await page.getByRole('button', { name: 'Check', exact: true }).click();
+    await expect(page.getByTestId('check-verdict')).toHaveText('No errors were found on the image.');
+    await page.locator('#convert-format').selectOption('raw');
+    const [raw] = await Promise.all([page.waitForEvent('download'), page.getByTestId('convert').click()]);
+    expect(raw.suggestedFilename()).toBe(name.replace(/\.qcow2$/, '.raw'));
+    await raw.saveAs(join(dir, 'ui.raw'));
+    await expect(page.getByTestId('convert-done')).toBeVisible();
+    // The image file itself, from the library, for qemu-img to convert.
+    const [img] = await Promise.all([page.waitForEvent('download'), page.getByRole('button', { name: `Download ${name}` }).click()]);
+    await img.saveAs(join(dir, 'image.qcow2'));
+    run('qemu-img', ['check', join(dir, 'image.qcow2')]);
+    run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', join(dir, 'image.qcow2'), join(dir, 'qemu.raw')]);
+    const ours = readFileSync(join(dir, 'ui.raw'));
+    const theirs = readFileSync(join(dir, 'qemu.raw'));
+    expect(ours.length).toBe(24 * 1024 * 1024);
+    expect(ours.equals(theirs)).toBe(true);
+    await shot(page, testInfo, 'create-check-convert');
+    expect(errors).toEqual([]);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('after one visit the app loads offline and opens an OPFS image', async ({ page, context }, testInfo) => {
+  const errors = collectErrors(page);
+  await openInspector(page);
+  await page.waitForFunction(() => navigator.serviceWorker.controller !== null, undefined, { timeout: 30_000 });
+  await expect(page.getByTestId('offline-badge')).toHaveText('✓ works offline');
+  await context.setOffline(true);
+  const fromSw: string[] = [];
+  page.on('response', (r) => {
+    if (r.fromServiceWorker()) fromSw.push(new URL(r.url()).pathname);
+  });
+  await page.reload();
+  await expect(page.locator('body[data-ready="true"]')).toBeAttached({ timeout: 30_000 });
+  expect(fromSw).toContain('/');
+  await expect(page.getByTestId('image-title')).toHaveText('demo/overlay.qcow2');
+  await expect(page.locator('[data-testid="header-fields"] [data-field="magic"]')).toHaveText('0x514649fb');
+  // Another image of the library, opened while offline (the overlay holds its base open, so close it first).
+  await page.getByRole('button', { name: 'Close demo/overlay.qcow2' }).click();
+  await page.getByRole('button', { name: 'Open demo/base.qcow2' }).click();
+  await expect(page.getByTestId('image-title')).toHaveText('demo/base.qcow2');
+  await tab(page, 'Allocation map');
+  await expect(page.locator('[data-testid="map-status"][data-state="done"]')).toBeAttached({ timeout: 20_000 });
+  await shot(page, testInfo, 'offline-reload');
+  await context.setOffline(false);
+  expect(errors).toEqual([]);
+});
+
+test('a convert of a large image shows progress moving and can be cancelled', async ({ persistentPage: page }, testInfo) => {
+  const errors = collectErrors(page);
+  await openInspector(page);
+  const name = unique('large');
+  // Metadata preallocation maps every cluster, so convert has to read all of them (an empty image converts at once).
+  await createImage(page, name, '4G', 'qcow2', { preallocation: 'metadata' });
+  await tab(page, 'Actions');
+  let downloaded = false;
+  page.on('download', () => (downloaded = true));
+  await page.getByTestId('convert').click();
+  const job = page.locator('.job[data-state="running"]', { hasText: `Convert ${name} to raw` });
+  await expect(job).toBeVisible();
+  const seen: number[] = [];
+  for (let i = 0; i < 100 && seen.length < 3; i++) {
+    const done = Number((await job.getAttribute('data-done')) ?? '0');
+    if (done > 0 && done !== seen[seen.length - 1]) seen.push(done);
+    await page.waitForTimeout(100);
+  }
+  expect(seen.length, `progress values seen: ${seen.join(', ')}`).toBeGreaterThanOrEqual(3);
+  expect(seen).toEqual([...seen].sort((a, b) => a - b));
+  expect(seen[seen.length - 1]!).toBeLessThan(4 * 1024 ** 3);
+  await shot(page, testInfo, 'convert-progress');
+  await job.getByRole('button', { name: `Cancel Convert ${name} to raw` }).click();
+  await expect(page.locator('.job[data-state="cancelled"]', { hasText: `Convert ${name} to raw` })).toBeVisible();
+  await expect(page.getByTestId('convert-cancelled')).toBeVisible();
+  expect(downloaded).toBe(false);
+  expect(errors).toEqual([]);
+});
+
+test('the allocation map of a 1 TiB image draws from block status at once', async ({ persistentPage: page }, testInfo) => {
+  const errors = collectErrors(page);
+  await openInspector(page);
+  const name = unique('huge');
+  await createImage(page, name, '1T');
+  const t0 = Date.now();
+  await tab(page, 'Allocation map');
+  await expect(page.locator('[data-testid="map-status"][data-state="done"]')).toBeAttached({ timeout: 30_000 });
+  const elapsed = Date.now() - t0;
+  await expect(page.getByTestId('map-legend').locator('li[data-cat="unallocated"]')).toHaveAttribute('data-bytes', String(2 ** 40));
+  expect(Number(await page.getByTestId('alloc-canvas').getAttribute('data-cells'))).toBeGreaterThan(1000);
+  // Zooming in to one cluster per cell and reading a cell with the keyboard.
+  await page.getByTestId('alloc-canvas').focus();
+  await page.keyboard.press('Enter');
+  await page.keyboard.press('Enter');
+  await page.keyboard.press('Enter');
+  await page.keyboard.press('ArrowRight');
+  await expect(page.getByTestId('cell-details')).toContainText('unallocated');
+  testInfo.annotations.push({ type: 'map-time-ms', description: String(elapsed) });
+  await shot(page, testInfo, 'map-1TiB');
+  expect(errors).toEqual([]);
+});
+
+test('an image over HTTP shows the bytes fetched, its chain resolved next to it', async ({ page }, testInfo) => {
+  const errors = collectErrors(page);
+  await openInspector(page);
+  await page.locator('#url-input').fill(`${INSPECTOR_BASE_URL}/demo/overlay.qcow2`);
+  await page.getByRole('button', { name: 'Open URL' }).click();
+  await expect(page.getByTestId('image-title')).toHaveText('overlay.qcow2');
+  await expect(page.locator('[data-testid="chain"] figure')).toHaveCount(2);
+  const fetched = page.getByTestId('bytes-fetched');
+  await expect(fetched).toBeVisible();
+  const n = Number(/\((\d+) bytes\)|^(\d+) bytes/.exec((await fetched.textContent()) ?? '')?.slice(1).find(Boolean) ?? 'NaN');
+  expect(n).toBeGreaterThan(0);
+  const total = Number(JSON.parse(readFileSync(new URL('../web/public/demo/demo.json', import.meta.url), 'utf8')).files.reduce((a: number, f: { size: number }) => a + f.size, 0));
+  expect(n).toBeLessThan(total);
+  await tab(page, 'Hex');
+  await page.locator('#hex-offset').fill('0xa00000');
+  await page.getByRole('button', { name: 'Go' }).click();
+  await expect(page.getByTestId('hex-dump')).toContainText('qblock demo | ov');
+  await expect(page.getByTestId('hex-mapping')).toContainText('data in the image');
+  await shot(page, testInfo, 'url-hex');
+  expect(errors).toEqual([]);
+});
+
+test('keyboard: tabs, the map and the hex view work without a mouse', async ({ page }) => {
+  const errors = collectErrors(page);
+  await openInspector(page);
+  await page.getByRole('tab', { name: 'Overview' }).focus();
+  await page.keyboard.press('ArrowRight');
+  await expect(page.getByRole('tab', { name: 'Allocation map' })).toBeFocused();
+  await expect(page.locator('#tabpanel[data-tab="Allocation map"]')).toBeVisible();
+  await expect(page.locator('[data-testid="map-status"][data-state="done"]')).toBeAttached({ timeout: 20_000 });
+  await page.getByTestId('alloc-canvas').focus();
+  await page.keyboard.press('ArrowRight');
+  await expect(page.getByTestId('cell-details')).toContainText('Guest 0x00010000');
+  await page.keyboard.press('h');
+  await expect(page.locator('#tabpanel[data-tab="Hex"]')).toBeVisible();
+  await expect(page.getByTestId('hex-dump')).toHaveAttribute('data-offset', String(0x10000));
+  // The skip link comes first, then the file picker.
+  await page.locator('a.skip').focus();
+  await page.keyboard.press('Tab');
+  expect(await page.evaluate(() => document.activeElement?.id)).toBe('file-input');
+  expect(errors).toEqual([]);
+});
+
+test('the demo generator writes what the README promises', () => {
+  const demo = JSON.parse(readFileSync(new URL('../web/public/demo/demo.json', import.meta.url), 'utf8')) as { generator: string; files: Array<{ name: string }> };
+  expect(demo.generator).toBe('engine');
+  const dir = new URL('../web/public/demo/', import.meta.url).pathname;
+  const info = JSON.parse(run('qemu-img', ['info', '--output=json', '--backing-chain', join(dir, 'overlay.qcow2')])) as Array<{ filename: string }>;
+  expect(info).toHaveLength(2);
+  for (const f of demo.files) run('qemu-img', ['check', join(dir, f.name)]);
+});

@@ -1,0 +1,100 @@
+/**
+ * InspectorClient: the page's side of the worker's inspector queries
+ * (src/worker/inspect.ts) — qcow2 header and tables, host layout, raw bytes
+ * of image files, partition tables, HTTP counters, what the engine can do
+ * with an image, and compare/commit/rebase as jobs. Obtained once per
+ * EngineClient with connectInspector().
+ */
+import { proxy, releaseProxy, type Remote } from 'comlink';
+import type { PartitionTable } from '../core/partitions.ts';
+import type { HttpStats } from '../protocols/http.ts';
+import type { CompareReport, CreatableFormat, HostExtent, ImageCapabilities, InspectService, L1EntryView, L2EntryView, LayerFile, Qcow2HeaderView, RebaseRequest } from '../worker/inspect.ts';
+import type { EngineClient, JobOptions } from './engine.ts';
+
+export type * from '../worker/inspect.ts';
+
+/** Inspector queries over the images an EngineClient has open. */
+export class InspectorClient {
+  /** Wraps the proxy returned by the engine's inspector(). */
+  constructor(readonly remote: Remote<InspectService>) {}
+
+  /** Each layer of the chain with its storage protocol and file length. */
+  layers(id: string): Promise<LayerFile[]> {
+    return this.remote.layers(id);
+  }
+
+  /** The qcow2 header of a layer, field by field (ENOTSUP for other formats). */
+  header(id: string, layer = 0): Promise<Qcow2HeaderView> {
+    return this.remote.header(id, layer);
+  }
+
+  /** Active L1 entries [start, start+count). */
+  l1(id: string, start: number, count: number, layer = 0): Promise<L1EntryView[]> {
+    return this.remote.l1(id, start, count, layer);
+  }
+
+  /** Entries of the L2 table behind L1 entry `l1Index`. */
+  l2(id: string, l1Index: number, start: number, count: number, layer = 0): Promise<L2EntryView[]> {
+    return this.remote.l2(id, l1Index, start, count, layer);
+  }
+
+  /** Refcounts of host clusters [start, start+count). */
+  refcounts(id: string, start: number, count: number, layer = 0): Promise<number[]> {
+    return this.remote.refcounts(id, start, count, layer);
+  }
+
+  /** What each host cluster holds (reads every L2 table once). */
+  hostLayout(id: string, layer = 0, job: JobOptions = {}): Promise<HostExtent[]> {
+    return this.remote.hostLayout(id, layer, job.progress ? proxy(job.progress) : undefined, job.signal);
+  }
+
+  /** Raw bytes of a layer's image file (at most 1 MiB). */
+  readHost(id: string, offset: number, length: number, layer = 0): Promise<Uint8Array> {
+    return this.remote.readHost(id, offset, length, layer);
+  }
+
+  /** The guest disk's partition table, or null. */
+  partitions(id: string): Promise<PartitionTable | null> {
+    return this.remote.partitions(id);
+  }
+
+  /** HTTP counters of the image's chain (undefined when nothing is read over HTTP). */
+  httpStats(id: string): Promise<HttpStats | undefined> {
+    return this.remote.httpStats(id);
+  }
+
+  /** Formats that can be created and their create options. */
+  formats(): Promise<CreatableFormat[]> {
+    return this.remote.formats();
+  }
+
+  /** What the engine can do with the image, with reasons for what it cannot. */
+  capabilities(id: string): Promise<ImageCapabilities> {
+    return this.remote.capabilities(id);
+  }
+
+  /** qemu-img compare of two open images. */
+  compare(idA: string, idB: string, job: JobOptions = {}): Promise<CompareReport> {
+    return this.remote.compare(idA, idB, job.progress ? proxy(job.progress) : undefined, job.signal);
+  }
+
+  /** qemu-img commit -d: the image's clusters copied into its backing file. */
+  commit(id: string, job: JobOptions = {}): Promise<void> {
+    return this.remote.commit(id, job.progress ? proxy(job.progress) : undefined, job.signal);
+  }
+
+  /** qemu-img rebase onto another backing file (or none). */
+  rebase(id: string, req: RebaseRequest, job: JobOptions = {}): Promise<void> {
+    return this.remote.rebase(id, req, job.progress ? proxy(job.progress) : undefined, job.signal);
+  }
+
+  /** Releases the proxy. */
+  dispose(): void {
+    this.remote[releaseProxy]();
+  }
+}
+
+/** The inspector of an engine client's worker. */
+export async function connectInspector(engine: EngineClient): Promise<InspectorClient> {
+  return new InspectorClient(await engine.remote.inspector());
+}

@@ -1,0 +1,216 @@
+/**
+ * The Actions tab: check (and repair leaks of library images), convert and
+ * download, compare, commit and rebase. Every long operation runs as a job
+ * with progress and Cancel; what the engine cannot do yet is shown disabled
+ * with the engine's reason, never faked.
+ */
+import type { Availability } from '../../src/client/inspect.ts';
+import type { CheckOutcome } from '../../src/core/img/check.ts';
+import type { App, OpenImage } from './app.ts';
+import { button, errorBox, h, replace, type Child } from './dom.ts';
+import { bytes, percent } from './format.ts';
+import { isCancel } from './jobs.ts';
+
+/** OPFS directory for converted files on their way to the user's downloads (hidden from the library). */
+const DOWNLOAD_DIR = '.downloads';
+
+/** Hands a File to the browser's downloads. */
+export function download(file: Blob, name: string): void {
+  const url = URL.createObjectURL(file);
+  const a = h('a', { href: url, download: name, hidden: true });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  // The download has started from the URL by now; keep it a while for slow browsers.
+  setTimeout(() => URL.revokeObjectURL(url), 60_000);
+}
+
+/** A base name for files made from an image ("demo/disk.qcow2" → "disk"). */
+function baseName(label: string): string {
+  const last = label.split(/[/\\]/).pop() ?? label;
+  return last.replace(/\.(qcow2?|raw|img|bin|vmdk|vhdx?|vdi)$/i, '') || 'image';
+}
+
+/**
+ * Converts an image with the engine's qemu-img convert into a hidden OPFS
+ * file (sparse: zero runs are not written) and downloads it; the File is
+ * backed by that OPFS file, so memory stays small whatever the size.
+ */
+export async function convertAndDownload(app: App, img: OpenImage, format: string, compressed: boolean): Promise<File> {
+  const name = `${baseName(img.label)}.${format === 'raw' ? 'raw' : format}`;
+  const path = `${DOWNLOAD_DIR}/${name}`;
+  return app.jobs.run(`Convert ${img.label} to ${format}`, async (job) => {
+    // A previous download of the same name is replaced (its File keeps working until then).
+    await app.engine.remove(path).catch(() => undefined);
+    await app.engine.convert(img.id, path, { format, compressed }, { progress: job.progress, signal: job.signal });
+    const file = await app.engine.exportFile(path, { name });
+    job.note(`${bytes(file.size)} ${format} file; downloading ${name}`);
+    download(file, name);
+    return file;
+  });
+}
+
+/** A button that is disabled, with the reason shown beside it, when `a` says so. */
+function actionButton(label: string, a: Availability, run: () => void, attrs: Record<string, string> = {}): Child {
+  const id = `why-${label.replace(/\W+/g, '-').toLowerCase()}`;
+  return h(
+    'span',
+    { class: 'action' },
+    button(label, run, { disabled: !a.ok, 'aria-describedby': a.ok ? undefined : id, ...attrs }),
+    a.ok ? null : h('span', { class: 'why', id }, a.reason ?? 'Not available'),
+  );
+}
+
+/** qemu-img check's report in its words. */
+function checkReport(o: CheckOutcome): HTMLElement {
+  const c = o.check;
+  const corruptions = c.corruptions ?? 0;
+  const leaks = c.leaks ?? 0;
+  const errors = c['check-errors'];
+  const lines: Child[] = [];
+  if (o.repaired && (o.repaired.leaksFixed || o.repaired.corruptionsFixed)) {
+    lines.push(h('p', { class: 'ok' }, `The following inconsistencies were found and repaired: ${o.repaired.leaksFixed} leaked clusters, ${o.repaired.corruptionsFixed} corruptions. Double checking the fixed image now…`));
+  }
+  if (corruptions === 0 && leaks === 0 && errors === 0) lines.push(h('p', { class: 'ok', 'data-testid': 'check-verdict' }, 'No errors were found on the image.'));
+  else {
+    const parts: string[] = [];
+    if (corruptions) parts.push(`${corruptions} errors were found on the image. Data may be corrupted, or further writes to the image may corrupt it.`);
+    if (leaks) parts.push(`${leaks} leaked clusters were found on the image. This means waste of disk space, but no harm to data.`);
+    if (errors) parts.push(`${errors} internal errors have occurred during the check.`);
+    lines.push(h('p', { class: 'bad', 'data-testid': 'check-verdict' }, parts.join(' ')));
+  }
+  const total = c['total-clusters'] ?? 0;
+  const alloc = c['allocated-clusters'] ?? 0;
+  if (total > 0) {
+    lines.push(h('p', {}, `${alloc}/${total} = ${percent(alloc, total)} allocated, ${percent(c['fragmented-clusters'] ?? 0, Math.max(1, alloc))} fragmented, ${percent(c['compressed-clusters'] ?? 0, Math.max(1, alloc))} compressed clusters`));
+  }
+  if (c['image-end-offset'] !== undefined) lines.push(h('p', {}, `Image end offset: ${c['image-end-offset']}`));
+  return h('div', { class: 'check-report', 'data-testid': 'check-report', 'data-result': JSON.stringify(c) }, ...lines);
+}
+
+/** Renders the Actions tab. */
+export function renderActions(app: App, img: OpenImage, root: HTMLElement): void {
+  const caps = img.caps;
+  const checkOut = h('div', { 'aria-live': 'polite' });
+  const convertOut = h('div', { 'aria-live': 'polite' });
+  const compareOut = h('div', { 'aria-live': 'polite' });
+  const chainOut = h('div', { 'aria-live': 'polite' });
+  const failed = (slot: HTMLElement, e: unknown, what: string): void => replace(slot, isCancel(e) ? h('p', { class: 'muted', 'data-testid': `${what}-cancelled` }, `${what[0]!.toUpperCase()}${what.slice(1)} cancelled.`) : errorBox(e));
+
+  const runCheck = async (repair: boolean): Promise<void> => {
+    replace(checkOut, h('p', { class: 'muted' }, repair ? 'Repairing…' : 'Checking…'));
+    try {
+      const r = await app.jobs.run(`${repair ? 'Repair' : 'Check'} ${img.label}`, () => app.engine.check(img.id, repair ? 'leaks' : undefined), { cancellable: false });
+      replace(checkOut, checkReport(r));
+      if (repair) await app.refresh(img);
+    } catch (e) {
+      failed(checkOut, e, 'check');
+    }
+  };
+
+  const formatSelect = h('select', { id: 'convert-format' }, ...Object.entries(caps.convert).map(([f, a]) => h('option', { value: f, disabled: !a.ok, selected: f === 'raw' }, a.ok ? f : `${f} (${a.reason ?? 'not available'})`)));
+  const compressed = h('input', { type: 'checkbox', id: 'convert-compressed' });
+  const compressedLabel = h('label', { class: 'inline' }, compressed, 'compress clusters (-c)');
+  const syncCompressed = (): void => {
+    compressedLabel.hidden = formatSelect.value !== 'qcow2';
+  };
+  formatSelect.addEventListener('change', syncCompressed);
+  const runConvert = async (): Promise<void> => {
+    const fmt = formatSelect.value;
+    replace(convertOut);
+    try {
+      const f = await convertAndDownload(app, img, fmt, fmt === 'qcow2' && compressed.checked);
+      replace(convertOut, h('p', { class: 'ok', 'data-testid': 'convert-done' }, `Converted to ${fmt}: ${bytes(f.size)}. `, button('Download again', () => download(f, f.name), { class: 'small' })));
+    } catch (e) {
+      failed(convertOut, e, 'convert');
+    }
+  };
+
+  const others = app.images.filter((i) => i !== img);
+  const otherSelect = h('select', { id: 'compare-with' }, ...others.map((o) => h('option', { value: o.id }, o.label)));
+  const runCompare = async (): Promise<void> => {
+    const other = others.find((o) => o.id === otherSelect.value);
+    if (!other) return;
+    replace(compareOut, h('p', { class: 'muted' }, 'Comparing…'));
+    try {
+      const r = await app.jobs.run(`Compare ${img.label} with ${other.label}`, (job) => app.inspector.compare(img.id, other.id, { progress: job.progress, signal: job.signal }));
+      replace(compareOut, h('div', { 'data-testid': 'compare-result', 'data-identical': String(r.identical) }, ...r.lines.map((l) => h('p', { class: r.identical ? 'ok' : 'bad' }, l))));
+    } catch (e) {
+      failed(compareOut, e, 'compare');
+    }
+  };
+
+  const runCommit = async (): Promise<void> => {
+    replace(chainOut, h('p', { class: 'muted' }, 'Committing…'));
+    try {
+      await app.jobs.run(`Commit ${img.label} into its backing file`, (job) => app.inspector.commit(img.id, { progress: job.progress, signal: job.signal }));
+      replace(chainOut, h('p', { class: 'ok' }, 'Image committed (the overlay was left as it was).'));
+      app.emit('library');
+    } catch (e) {
+      failed(chainOut, e, 'commit');
+    }
+  };
+  const library = app.images.filter((i) => i.opfsPath !== undefined && i !== img).map((i) => i.opfsPath!);
+  const rebaseSelect = h('select', { id: 'rebase-onto' }, h('option', { value: '' }, '(no backing file: make it standalone)'), ...library.map((p) => h('option', { value: p }, p)));
+  const runRebase = async (): Promise<void> => {
+    replace(chainOut, h('p', { class: 'muted' }, 'Rebasing…'));
+    try {
+      const dir = img.opfsPath!.includes('/') ? img.opfsPath!.slice(0, img.opfsPath!.lastIndexOf('/') + 1) : '';
+      const backing = rebaseSelect.value.startsWith(dir) ? rebaseSelect.value.slice(dir.length) : rebaseSelect.value;
+      await app.jobs.run(`Rebase ${img.label}`, (job) => app.inspector.rebase(img.id, { backing }, { progress: job.progress, signal: job.signal }));
+      replace(chainOut, h('p', { class: 'ok' }, 'Rebased.'));
+      await app.reopen(img, false);
+    } catch (e) {
+      failed(chainOut, e, 'rebase');
+    }
+  };
+
+  const writable = !img.summary.readOnly;
+  const reopen: Child =
+    img.opfsPath !== undefined
+      ? button(writable ? 'Reopen read-only' : 'Reopen for writing', () => void app.reopen(img, writable).catch((e: unknown) => replace(checkOut, errorBox(e))), { class: 'small', 'data-testid': 'reopen' })
+      : null;
+  replace(
+    root,
+    h(
+      'div',
+      { class: 'cards' },
+      h(
+        'section',
+        { class: 'card', 'aria-labelledby': 'chk-h' },
+        h('h3', { id: 'chk-h' }, 'Check'),
+        h('p', { class: 'muted' }, 'Verifies refcounts and tables as qemu-img check does. ', writable ? 'Open read-write: leaks can be repaired.' : 'Open read-only.', ' ', reopen),
+        h('div', { class: 'buttons' }, actionButton('Check', caps.check, () => void runCheck(false)), actionButton('Repair leaks', caps.repair, () => void runCheck(true))),
+        checkOut,
+      ),
+      h(
+        'section',
+        { class: 'card', 'aria-labelledby': 'cv-h' },
+        h('h3', { id: 'cv-h' }, 'Convert and download'),
+        h('p', { class: 'muted' }, 'The engine’s qemu-img convert writes the guest-visible disk (backing files flattened) in any format it can create, then your browser downloads it.'),
+        h('div', { class: 'buttons' }, h('label', { for: 'convert-format' }, 'Format'), formatSelect, compressedLabel, button('Convert and download', () => void runConvert(), { 'data-testid': 'convert' })),
+        convertOut,
+      ),
+      h(
+        'section',
+        { class: 'card', 'aria-labelledby': 'cmp-h' },
+        h('h3', { id: 'cmp-h' }, 'Compare'),
+        h('p', { class: 'muted' }, 'Compares the guest contents with another open image, as qemu-img compare does.'),
+        others.length
+          ? h('div', { class: 'buttons' }, h('label', { for: 'compare-with' }, 'With'), otherSelect, actionButton('Compare', caps.compare, () => void runCompare()))
+          : h('div', { class: 'buttons' }, actionButton('Compare', { ok: false, reason: 'Open a second image to compare this one with' }, () => undefined)),
+        compareOut,
+      ),
+      h(
+        'section',
+        { class: 'card', 'aria-labelledby': 'cr-h' },
+        h('h3', { id: 'cr-h' }, 'Commit and rebase'),
+        h('p', { class: 'muted' }, 'Commit copies the overlay’s clusters into its backing file. Rebase changes which backing file the overlay reads from, first copying whatever would change.'),
+        h('div', { class: 'buttons' }, actionButton('Commit', caps.commit, () => void runCommit())),
+        h('div', { class: 'buttons' }, h('label', { for: 'rebase-onto' }, 'Onto'), rebaseSelect, actionButton('Rebase', caps.rebase, () => void runRebase())),
+        chainOut,
+      ),
+    ),
+  );
+  syncCompressed();
+}
