@@ -81,6 +81,8 @@ function sectorZero(buf: Uint8Array, sector: number): boolean {
 /** QEMU's is_allocated_sectors: whether the run starting at sector 0 is data, and its length (aligned where it helps). */
 export function isAllocatedSectors(buf: Uint8Array, n: number, sectorNum: number, alignment: number): { data: boolean; pnum: number } {
   if (n <= 0) return { data: false, pnum: 0 };
+  // All-zero chunks are the common case in sparse images; one wide check answers them.
+  if (isZeroBuffer(buf.subarray(0, n * SECTOR))) return { data: false, pnum: n };
   let isZero = sectorZero(buf, 0);
   let i = 1;
   for (; i < n; i++) if (isZero !== sectorZero(buf, i)) break;
