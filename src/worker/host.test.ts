@@ -17,6 +17,7 @@ import { deleteMemoryStore, memoryDriver } from '../protocols/memory.ts';
 import { nullCoDriver } from '../protocols/null.ts';
 import { filterDrivers } from '../filters/index.ts';
 import { EngineClient } from '../client/engine.ts';
+import { SabChannelClient } from '../client/sab-channel.ts';
 import { registerEngineTransferHandlers } from '../client/transfer.ts';
 import { exposeEngine, type EngineHost } from './index.ts';
 import type { SabThreadTask } from './testing/sab-client-thread.ts';
@@ -295,5 +296,30 @@ describe('SharedArrayBuffer channel', () => {
     // What the channel wrote, the proxy reads.
     expect(same(await blk.read(100_000, 10_000), pattern(10_000, 8))).toBe(true);
     await blk.close();
+  });
+
+  it('a channel of a closed backend answers ENOMEDIUM at once instead of blocking', async () => {
+    await client.open({ options: { driver: 'raw', 'node-name': 'cc', file: { driver: 'memory', size: MiB } } });
+    const blk = await client.attach('cc');
+    const sab = await blk.openChannel(4096);
+    await blk.close();
+    // No other thread needed: a closed channel never waits.
+    const ch = new SabChannelClient(sab, { timeoutMs: 1000 });
+    let caught: unknown;
+    try {
+      ch.read(new Uint8Array(16), 0);
+    } catch (e) {
+      caught = e;
+    }
+    expect(caught).toBeInstanceOf(BlockError);
+    expect((caught as BlockError).code).toBe('ENOMEDIUM');
+  });
+
+  it('a request given an aborted signal fails with ECANCELED', async () => {
+    await client.open({ options: { driver: 'raw', 'node-name': 'ab', file: { driver: 'memory', size: MiB } } });
+    const blk = await client.attach('ab');
+    const e = await blk.read(0, 512, { signal: AbortSignal.abort() }).catch((x: unknown) => x);
+    expect((e as BlockError).code).toBe('ECANCELED');
+    expect((await blk.read(0, 4)).length).toBe(4);
   });
 });
