@@ -115,12 +115,32 @@ test('npm start serves the inspector on the demo: header, chain picture and allo
   expect(Number(await page.getByTestId('alloc-canvas').getAttribute('data-cells'))).toBe(1024);
   await shot(page, testInfo, 'demo-map-1280x800');
 
-  for (const t of ['Tables', 'Hex', 'Actions']) {
-    await tab(page, t);
-    await page.waitForTimeout(500);
-    await shot(page, testInfo, `demo-${t.toLowerCase()}-1280x800`);
-  }
-  await expect(page.getByTestId('l1-table')).toHaveCount(0);
+  // Tables: the L1 entry leads to its L2 table, whose entries lead to the hex view of the host file.
+  await tab(page, 'Tables');
+  await page.getByRole('button', { name: 'Show the L2 table of L1 entry 0' }).click();
+  const l2 = page.getByTestId('l2-table');
+  await expect(l2.locator('.t-compressed').first()).toBeVisible();
+  await expect(l2.locator('.t-zero').first()).toBeVisible();
+  await expect(page.getByTestId('refcounts').locator('.rc-n').first()).toBeVisible();
+  await page.getByTestId('analyse-host').click();
+  await expect(page.getByTestId('host-layout')).toContainText('Snapshot table');
+  await expect(page.getByTestId('host-layout')).toContainText('Bitmap directory');
+  await shot(page, testInfo, 'demo-tables-1280x800');
+  const firstNormal = l2.locator('tr', { has: page.locator('.t-normal') }).first();
+  const host = (await firstNormal.locator('td').nth(3).textContent())!.trim();
+  await firstNormal.getByRole('button', { name: `Host bytes at ${host}` }).click();
+  await expect(page.locator('#tabpanel[data-tab="Hex"]')).toBeVisible();
+  await expect(page.getByTestId('hex-dump')).toHaveAttribute('data-mode', 'host');
+  await expect(page.getByTestId('hex-dump')).toContainText('qblock demo | ov');
+  await expect(page.getByTestId('hex-mapping')).toContainText('Guest data for guest');
+  await shot(page, testInfo, 'demo-hex-host-1280x800');
+  await tab(page, 'Actions');
+  await shot(page, testInfo, 'demo-actions-1280x800');
+  // Installable: Chromium finds nothing missing in the manifest, icons and service worker.
+  const cdp = await page.context().newCDPSession(page);
+  const { installabilityErrors } = (await cdp.send('Page.getInstallabilityErrors')) as { installabilityErrors: Array<{ errorId: string }> };
+  // 'in-incognito' is about Playwright's throwaway profile, not the app.
+  expect(installabilityErrors.filter((e) => e.errorId !== 'in-incognito')).toEqual([]);
   expect(errors).toEqual([]);
 });
 
@@ -171,6 +191,13 @@ test('an image made by qemu-img, opened with the file input, matches qemu-img in
       await shot(page, testInfo, `qemu-${top.replace('.', '-')}-map`);
       await tab(page, 'Overview');
     }
+    // Compare the two open images (the chain and its base alone) as qemu-img compare does.
+    await tab(page, 'Actions');
+    await page.locator('#compare-with').selectOption({ label: 'base.qcow2' });
+    await page.getByRole('button', { name: 'Compare', exact: true }).click();
+    const qemuCompare = spawnSync('qemu-img', ['compare', join(dir, 'overlay.qcow2'), join(dir, 'base.qcow2')], { encoding: 'utf8' }).stdout.trim();
+    await expect(page.getByTestId('compare-result')).toHaveText(qemuCompare);
+    await expect(page.getByTestId('compare-result')).toHaveAttribute('data-identical', 'false');
     expect(errors).toEqual([]);
   } finally {
     rmSync(dir, { recursive: true, force: true });
@@ -202,6 +229,49 @@ test('create in OPFS, check, convert to raw and download: identical to qemu-img 
     expect(ours.length).toBe(24 * 1024 * 1024);
     expect(ours.equals(theirs)).toBe(true);
     await shot(page, testInfo, 'create-check-convert');
+    // Rename and delete from the library (closing the image first, as an open image is locked).
+    await page.getByRole('button', { name: `Close ${name}` }).click();
+    await page.getByRole('button', { name: `Rename ${name}` }).click();
+    await page.getByRole('textbox', { name: `New name for ${name}` }).fill(`renamed-${name}`);
+    await page.getByRole('button', { name: 'Rename', exact: true }).click();
+    await expect(page.getByRole('button', { name: `Open renamed-${name}` })).toBeVisible();
+    await page.getByRole('button', { name: `Delete renamed-${name}` }).click();
+    await page.getByRole('button', { name: 'Delete', exact: true }).click();
+    await expect(page.getByRole('button', { name: `Open renamed-${name}` })).toHaveCount(0);
+    await expect(page.getByTestId('library-list')).not.toContainText(name);
+    expect(errors).toEqual([]);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('imported into the library, an overlay is committed into its base as qemu-img commit does', async ({ page }, testInfo) => {
+  const errors = collectErrors(page);
+  const dir = tempDir();
+  try {
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', 'base.qcow2', '32M'], dir);
+    run('qemu-io', ['-f', 'qcow2', '-c', 'write -q -P 0x41 0 2M', '-c', 'write -q -P 0x42 8M 1M', 'base.qcow2'], dir);
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'overlay.qcow2'], dir);
+    run('qemu-io', ['-f', 'qcow2', '-c', 'write -q -P 0x61 1M 2M', '-c', 'write -q -z 8M 64k', '-c', 'write -q -P 0x63 20M 128k', 'overlay.qcow2'], dir);
+    await openInspector(page);
+    await page.locator('#import-input').setInputFiles([join(dir, 'base.qcow2'), join(dir, 'overlay.qcow2')]);
+    await expect(page.getByRole('button', { name: 'Open overlay.qcow2' })).toBeVisible({ timeout: 20_000 });
+    await page.getByRole('button', { name: 'Open overlay.qcow2' }).click();
+    await expect(page.getByTestId('image-title')).toHaveText('overlay.qcow2');
+    await expect(page.locator('[data-testid="chain"] figure')).toHaveCount(2);
+    await tab(page, 'Actions');
+    await expect(page.getByRole('button', { name: 'Commit' })).toBeDisabled();
+    await page.getByTestId('reopen').click();
+    await expect(page.locator('.pill', { hasText: 'read-write' })).toBeVisible();
+    await tab(page, 'Actions');
+    await page.getByRole('button', { name: 'Commit' }).click();
+    await expect(page.getByText('Image committed')).toBeVisible({ timeout: 20_000 });
+    const [dl] = await Promise.all([page.waitForEvent('download'), page.getByRole('button', { name: 'Download base.qcow2' }).click()]);
+    await dl.saveAs(join(dir, 'ours.qcow2'));
+    run('qemu-img', ['commit', '-q', '-d', 'overlay.qcow2'], dir);
+    run('qemu-img', ['check', join(dir, 'ours.qcow2')]);
+    expect(run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', join(dir, 'ours.qcow2'), join(dir, 'base.qcow2')]).trim()).toBe('Images are identical.');
+    await shot(page, testInfo, 'commit');
     expect(errors).toEqual([]);
   } finally {
     rmSync(dir, { recursive: true, force: true });

@@ -404,6 +404,8 @@ export class AllocationMap {
     for (let k = 1; k < NCAT; k++) {
       const isLayer = k >= CAT.LAYER0;
       if (isLayer && k - CAT.LAYER0 + 1 >= this.img.layers.length && p[k] === 0) continue;
+      // Once the whole disk is mapped, kinds it does not have are left out of the key.
+      if (this.store.mapped >= this.total && p[k] === 0) continue;
       const layerName = isLayer ? this.img.layers[k - CAT.LAYER0 + 1]?.filename : undefined;
       items.push(
         h(

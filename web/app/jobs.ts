@@ -18,8 +18,8 @@ export interface JobContext {
 
 /** How a job reports its progress numbers. */
 export interface JobOptions {
-  /** 'bytes' shows sizes, 'items' plain counts. */
-  unit?: 'bytes' | 'items';
+  /** 'bytes' shows sizes, 'items' plain counts, 'percent' only how far along (for progress in arbitrary units). */
+  unit?: 'bytes' | 'items' | 'percent';
   /** Offer a Cancel button (default true). */
   cancellable?: boolean;
 }
@@ -55,7 +55,7 @@ export class Jobs {
       bar.value = Math.min(done, bar.max);
       row.dataset.done = String(done);
       row.dataset.total = String(total);
-      detail.textContent = `${fmt(done)} of ${fmt(total)} (${percent(done, total)})`;
+      detail.textContent = opts.unit === 'percent' ? percent(done, total) : `${fmt(done)} of ${fmt(total)} (${percent(done, total)})`;
     };
     const ctx: JobContext = {
       progress: (done, total) => {
@@ -75,8 +75,8 @@ export class Jobs {
       else if (!detail.textContent || detail.textContent === 'starting…') detail.textContent = text;
       cancel?.remove();
       close.hidden = false;
-      // Finished jobs leave after a moment; failures stay until dismissed.
-      if (state === 'done') setTimeout(() => row.remove(), 4000);
+      // Finished jobs leave after a moment (they are not to cover the page); failures stay until dismissed.
+      if (state === 'done') setTimeout(() => row.remove(), 2500);
     };
     try {
       const out = await body(ctx);

@@ -293,7 +293,7 @@ export class Library {
           create.backingFile = backingFile.slice(dir.length);
           create.backingFmt = backingFmt ?? 'qcow2';
         }
-        const res = await this.app.jobs.run(`Create ${path}`, (job) => this.app.engine.create(path, create, { progress: job.progress, signal: job.signal }));
+        const res = await this.app.jobs.run(`Create ${path}`, (job) => this.app.engine.create(path, create, { progress: job.progress, signal: job.signal }), { unit: 'percent' });
         replace(out, h('p', { class: 'ok', 'data-testid': 'create-done' }, `Created ${path}${res.persisted === false ? ' (storage is not persistent)' : ''}.`));
         await this.refresh();
         await this.openPath(path);
