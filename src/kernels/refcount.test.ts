@@ -163,6 +163,31 @@ describe('refcount kernel', () => {
     );
   });
 
+  it('the wasm get, set and add exports agree with the reference (the engine calls the JS ones: cheaper per entry)', () => {
+    fc.assert(
+      fc.property(blockArb, fc.array(fc.tuple(fc.nat(), fc.integer({ min: -3, max: 3 }), fc.boolean()), { minLength: 1, maxLength: 40 }), (b, ops) => {
+        const ex = k.host!.exports;
+        const ref = b.bytes.slice();
+        const w = inWasm(b.bytes, 'rc-test');
+        const max = maxOf(b.order);
+        for (let i = 0; i < b.entries; i++) expect(ex.rcGet(w.byteOffset, i, b.order)).toBe(jsRefcountKernel.get(ref, i, b.order));
+        for (const [pick, addend, doSet] of ops) {
+          const i = pick % b.entries;
+          if (doSet) {
+            const v = Math.min(max, Math.abs(addend) * 7 + (pick % 5));
+            refcountRef.set(ref, i, b.order, v);
+            ex.rcSet(w.byteOffset, i, b.order, v);
+          } else {
+            const a = addend === 3 ? max : addend === -3 ? -max : addend;
+            expect(ex.rcAdd(w.byteOffset, i, b.order, a, max)).toBe(refcountRef.add(ref, i, b.order, a, max));
+          }
+        }
+        expect(Array.from(w)).toEqual(Array.from(ref));
+      }),
+      { numRuns: 200 },
+    );
+  });
+
   it('finds free runs that continue into the next block', () => {
     const order = 4;
     const block = new Uint8Array(64);
