@@ -215,6 +215,8 @@ function fnv(buf: Uint8Array): string {
  * into images can be rewritten in place.
  */
 const templates = new Map<string, Promise<string>>();
+/** Templates whose files mention their own path (absolute backing names) and so need rewriting per copy. */
+const templatesWithPaths = new Set<string>();
 
 function template(setup: string[]): Promise<string> {
   const key = JSON.stringify(setup);
@@ -224,6 +226,11 @@ function template(setup: string[]): Promise<string> {
       const dir = join(mkdtempSync(join(tmpdir(), 'qbd-')), 't');
       mkdirSync(dir);
       for (const step of setup) await runSetup(step, dir);
+      const needle = Buffer.from(dir);
+      for (const name of readdirSync(dir)) {
+        const p = join(dir, name);
+        if (statSync(p).isFile() && readFileSync(p).includes(needle)) templatesWithPaths.add(dir);
+      }
       return dir;
     })();
     templates.set(key, t);
@@ -249,8 +256,10 @@ export async function runCase(c: ToolCase): Promise<{ qemu: RunResult; ours: Run
     cpSync(tdir, qdir, { recursive: true });
     cpSync(tdir, odir, { recursive: true });
     // Setup steps may write absolute paths into images (backing files); point them at each copy.
-    fixPaths(qdir, tdir);
-    fixPaths(odir, tdir);
+    if (templatesWithPaths.has(tdir)) {
+      fixPaths(qdir, tdir);
+      fixPaths(odir, tdir);
+    }
     const argv = shellSplit(c.cmd);
     const main = await ours(c.tool);
     const [q, o] = await Promise.all([
@@ -309,4 +318,37 @@ function fixPaths(dir: string, from0: string): void {
 export function renderResult(r: RunResult): string {
   const files = Object.entries(r.files).map(([k, v]) => `${k}: ${v}`).join('\n');
   return `--- status: ${r.status}\n--- stdout:\n${r.stdout}\n--- stderr:\n${r.stderr}\n--- files:\n${files}\n`;
+}
+
+/**
+ * Starts every case at once on a small worker pool and returns, per case, a
+ * promise of its results; each vitest `it` then awaits its own. Vitest's own
+ * concurrency did not overlap the cases here, and the time is almost all
+ * waiting for QEMU processes, so overlapping them is what keeps the suite fast.
+ */
+export function schedule(cases: ToolCase[], width = 4): Array<Promise<{ qemu: RunResult; ours: RunResult }>> {
+  const slots = cases.map(() => {
+    let resolve!: (v: { qemu: RunResult; ours: RunResult }) => void;
+    let reject!: (e: unknown) => void;
+    const promise = new Promise<{ qemu: RunResult; ours: RunResult }>((res, rej) => {
+      resolve = res;
+      reject = rej;
+    });
+    // Keep a rejected case from being reported as unhandled before its test awaits it.
+    promise.catch(() => undefined);
+    return { promise, resolve, reject };
+  });
+  let next = 0;
+  const worker = async (): Promise<void> => {
+    while (next < cases.length) {
+      const i = next++;
+      try {
+        slots[i]!.resolve(await runCase(cases[i]!));
+      } catch (e) {
+        slots[i]!.reject(e);
+      }
+    }
+  };
+  for (let w = 0; w < width; w++) void worker();
+  return slots.map((s) => s.promise);
 }

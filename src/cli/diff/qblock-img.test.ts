@@ -4,15 +4,19 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { IMG_CASES } from './cases-img.ts';
-import { cleanupTemplates, renderResult, requireQemuTools, runCase } from './harness.ts';
+import { cleanupTemplates, renderResult, requireQemuTools, schedule } from './harness.ts';
 
 describe('qblock-img vs qemu-img', () => {
-  beforeAll(() => requireQemuTools());
+  let results: ReturnType<typeof schedule> = [];
+  beforeAll(() => {
+    requireQemuTools();
+    results = schedule(IMG_CASES.map((c) => ({ ...c, tool: 'qemu-img' as const })));
+  });
   afterAll(() => cleanupTemplates());
-  for (const c of IMG_CASES) {
-    it.concurrent(c.name ?? `qemu-img ${c.cmd}`, async () => {
-      const r = await runCase({ ...c, tool: 'qemu-img' });
+  IMG_CASES.forEach((c, i) => {
+    it(c.name ?? `qemu-img ${c.cmd}`, async () => {
+      const r = await results[i]!;
       expect(renderResult(r.ours)).toBe(renderResult(r.qemu));
     });
-  }
+  });
 });

@@ -4,15 +4,19 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { IO_CASES } from './cases-io.ts';
-import { cleanupTemplates, renderResult, requireQemuTools, runCase } from './harness.ts';
+import { cleanupTemplates, renderResult, requireQemuTools, schedule } from './harness.ts';
 
 describe('qblock-io vs qemu-io', () => {
-  beforeAll(() => requireQemuTools());
+  let results: ReturnType<typeof schedule> = [];
+  beforeAll(() => {
+    requireQemuTools();
+    results = schedule(IO_CASES.map((c) => ({ ...c, tool: 'qemu-io' as const })));
+  });
   afterAll(() => cleanupTemplates());
-  for (const c of IO_CASES) {
-    it.concurrent(c.name ?? `qemu-io ${c.cmd}${c.stdin !== undefined ? ` <<< ${JSON.stringify(c.stdin)}` : ''}`, async () => {
-      const r = await runCase({ ...c, tool: 'qemu-io' });
+  IO_CASES.forEach((c, i) => {
+    it(c.name ?? `qemu-io ${c.cmd}${c.stdin !== undefined ? ` <<< ${JSON.stringify(c.stdin)}` : ''}`, async () => {
+      const r = await results[i]!;
       expect(renderResult(r.ours)).toBe(renderResult(r.qemu));
     });
-  }
+  });
 });
