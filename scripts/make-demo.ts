@@ -24,7 +24,7 @@
  */
 import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { crc32 } from '../src/core/partitions.ts';
@@ -334,12 +334,47 @@ function upToDate(dir: string): boolean {
   return statSync(manifest).mtimeMs >= statSync(fileURLToPath(import.meta.url)).mtimeMs;
 }
 
-/** Generates the demo into `dir` (see the file comment); returns the manifest written. */
+/** Waits for the lock directory `lock` (two servers starting at once must not write the demo together); returns its release. */
+async function lockDir(lock: string): Promise<() => void> {
+  for (;;) {
+    try {
+      mkdirSync(lock);
+      return () => rmSync(lock, { recursive: true, force: true });
+    } catch (e) {
+      if ((e as { code?: string }).code !== 'EEXIST') throw e;
+      // A lock left by a killed run is stale after two minutes.
+      if (Date.now() - statSync(lock).mtimeMs > 120_000) rmSync(lock, { recursive: true, force: true });
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  }
+}
+
+/** Generates the demo into `dir` (see the file comment); returns the manifest written, or null when it was up to date. */
 export async function makeDemo(dir: string, opts: { force?: boolean; generator?: 'engine' | 'qemu' } = {}): Promise<DemoManifest | null> {
   if (!opts.force && upToDate(dir)) return null;
   mkdirSync(dir, { recursive: true });
+  const unlock = await lockDir(`${dir}.lock`);
+  try {
+    // Another run may have made it while we waited.
+    if (!opts.force && upToDate(dir)) return null;
+    // Made in a scratch directory and moved into place, so a server never serves half-written images.
+    const work = mkdtempSync(join(dir, '..', '.demo-'));
+    try {
+      const manifest = await generate(work, opts);
+      for (const f of manifest.files) renameSync(join(work, f.name), join(dir, f.name));
+      renameSync(join(work, 'demo.json'), join(dir, 'demo.json'));
+      return manifest;
+    } finally {
+      rmSync(work, { recursive: true, force: true });
+    }
+  } finally {
+    unlock();
+  }
+}
+
+/** Makes the images and demo.json in `dir`. */
+async function generate(dir: string, opts: { generator?: 'engine' | 'qemu' }): Promise<DemoManifest> {
   const layers = demoLayers();
-  for (const l of layers) rmSync(join(dir, l.file), { force: true });
   const log = (m: string): void => void process.stderr.write(`[make-demo] ${m}\n`);
   let generator: DemoManifest['generator'] = 'engine';
   let byQemu: string[] = [];
@@ -374,7 +409,8 @@ export async function makeDemo(dir: string, opts: { force?: boolean; generator?:
     files,
     description:
       'A 64 MiB qcow2 overlay over a qcow2 base: GPT with an EFI and a Linux partition, data in both layers, ' +
-      'zero clusters hiding base data, compressed clusters, an internal snapshot and two dirty bitmaps.',
+      'zero clusters hiding base data, compressed clusters' +
+      (byQemu.some((b) => b.startsWith('snapshot')) || generator === 'qemu' ? ', an internal snapshot and two dirty bitmaps.' : '.'),
   };
   writeFileSync(join(dir, 'demo.json'), `${JSON.stringify(manifest, null, 2)}\n`);
   return manifest;

@@ -135,6 +135,8 @@ export function drawIcon(size: number): Buffer {
 function walk(root: string, dir = root): string[] {
   const out: string[] = [];
   for (const e of readdirSync(dir, { withFileTypes: true })) {
+    // Dot files are scratch space (make-demo's work directory), never part of the app.
+    if (e.name.startsWith('.')) continue;
     const p = join(dir, e.name);
     if (e.isDirectory()) out.push(...walk(root, p));
     else out.push(relative(root, p).split(sep).join('/'));
