@@ -36,6 +36,21 @@ const QCOW = [
   'qemu-img create -q -f qcow2 -o compat=0.10 $D/v2.qcow2 1M',
 ];
 
+/** qcow2 images with what QEMU can write but this engine's qcow2 cannot yet: internal snapshots, bitmaps, compressed clusters. */
+const EXTRAS = [
+  'qemu-img create -q -f qcow2 $D/s.qcow2 1M',
+  "qemu-io -c 'write -P 1 0 64k' $D/s.qcow2",
+  'qemu-img snapshot -c first $D/s.qcow2',
+  "qemu-io -c 'write -P 2 0 64k' $D/s.qcow2",
+  'qemu-img snapshot -c second $D/s.qcow2',
+  'qemu-img create -q -f qcow2 $D/bm.qcow2 1M',
+  'qemu-img bitmap --add $D/bm.qcow2 b0',
+  'qemu-img bitmap --add -g 128k --disable $D/bm.qcow2 b1',
+  'qemu-img create -q -f raw -o preallocation=full $D/src.raw 1M',
+  "qemu-io -f raw -c 'write -P 7 0 256k' $D/src.raw",
+  'qemu-img convert -c -O qcow2 $D/src.raw $D/c.qcow2',
+];
+
 function img(cmd: string, setup: string[] = FULL, extra: Partial<DiffCase> = {}): DiffCase {
   return { setup, cmd, ...extra };
 }
@@ -109,6 +124,23 @@ export const IMG_CASES: DiffCase[] = [
   img('info $D/v2.qcow2', QCOW),
   img('info --output=json $D/v2.qcow2', QCOW),
   img('info -U --output=json $D/q.qcow2', QCOW),
+
+  img('info $D/s.qcow2', EXTRAS),
+  img('info --output=json $D/s.qcow2', EXTRAS),
+  img('info $D/bm.qcow2', EXTRAS),
+  img('info --output=json $D/bm.qcow2', EXTRAS),
+  img('info $D/c.qcow2', EXTRAS),
+  img('snapshot -l $D/s.qcow2', EXTRAS),
+  img('snapshot -U -l $D/s.qcow2', EXTRAS),
+  img('map --output=json $D/c.qcow2', EXTRAS),
+  img('map $D/c.qcow2', EXTRAS),
+  img('map --output=json $D/s.qcow2', EXTRAS),
+  img('check $D/s.qcow2', EXTRAS),
+  img('check --output=json $D/c.qcow2', EXTRAS),
+  img('check $D/bm.qcow2', EXTRAS),
+  img('compare $D/c.qcow2 $D/src.raw', EXTRAS),
+  img('convert -O raw $D/c.qcow2 $D/out.raw', EXTRAS, { files: ['out.raw'] }),
+  img('convert -O raw $D/s.qcow2 $D/out.raw', EXTRAS, { files: ['out.raw'] }),
 
   // --- create
   img('create -f raw $D/new.raw 1M', [], { files: ['new.raw'] }),
