@@ -204,6 +204,33 @@ test('an image made by qemu-img, opened with the file input, matches qemu-img in
   }
 });
 
+test('an image dropped on the page opens read-only', async ({ page }) => {
+  const errors = collectErrors(page);
+  const dir = tempDir();
+  try {
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', 'dropped.qcow2', '8M'], dir);
+    run('qemu-io', ['-f', 'qcow2', '-c', 'write -q -P 0x33 64k 64k', 'dropped.qcow2'], dir);
+    await openInspector(page);
+    const bytes = readFileSync(join(dir, 'dropped.qcow2')).toString('base64');
+    const dt = await page.evaluateHandle((b64) => {
+      const data = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+      const t = new DataTransfer();
+      t.items.add(new File([data], 'dropped.qcow2'));
+      return t;
+    }, bytes);
+    await page.dispatchEvent('main', 'dragenter', { dataTransfer: dt });
+    await expect(page.locator('#drop-overlay')).toBeVisible();
+    await page.dispatchEvent('main', 'drop', { dataTransfer: dt });
+    await expect(page.locator('#drop-overlay')).toBeHidden();
+    await expect(page.getByTestId('image-title')).toHaveText('dropped.qcow2');
+    await expect(page.locator('.pill', { hasText: 'read-only' })).toBeVisible();
+    await expect(page.getByTestId('image-summary').locator('[data-key="cluster-size"]')).toHaveAttribute('data-value', '4096');
+    expect(errors).toEqual([]);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test('create in OPFS, check, convert to raw and download: identical to qemu-img convert', async ({ page }, testInfo) => {
   const errors = collectErrors(page);
   const dir = tempDir();

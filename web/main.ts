@@ -281,7 +281,13 @@ async function loadDemo(env: EngineEnv): Promise<void> {
 /** Registers the service worker of the built app (the dev server has none: its modules are not precached). */
 async function registerServiceWorker(): Promise<string> {
   if (!import.meta.env.PROD || !('serviceWorker' in navigator)) return 'dev';
+  const hadController = navigator.serviceWorker.controller !== null;
   const reg = await navigator.serviceWorker.register('./sw.js', { scope: './' });
+  // A new build's worker takes over at once (skipWaiting); this page still runs the old build, so say so.
+  navigator.serviceWorker.addEventListener('controllerchange', () => {
+    if (!hadController) return;
+    badges.append(button('New version: reload', () => location.reload(), { class: 'small', 'data-testid': 'update-ready' }));
+  });
   await navigator.serviceWorker.ready;
   return reg.active ? 'ready' : 'installing';
 }

@@ -21,7 +21,9 @@ export default defineConfig({
   // The demo images and the PWA (service worker, icons, precache list): web/vite-plugin.ts.
   plugins: [qblockInspector()],
   server: {
-    port: 5173,
+    // Not 5173: there `npm start` serves the built app, whose service worker would answer
+    // for the dev server with its cached build.
+    port: 5174,
     headers: isolation,
     fs: { allow: [repoRoot] },
   },
