@@ -49,6 +49,8 @@ function placeholder(...c: Array<Node | string>): void {
 function showHex(t: HexTarget): void {
   pendingHex = t;
   selectTab('Hex');
+  // Coming from far down another tab: bring the dump into view.
+  document.getElementById('tabpanel')?.scrollIntoView({ block: 'start' });
 }
 
 function selectTab(t: Tab): void {

@@ -5,7 +5,7 @@
  * same one a third party would use; only types come from elsewhere.
  */
 import { connectEngine, connectInspector, type EngineClient, type ImageSource, type ImageSummary, type InspectorClient, type OpenOptions } from '../../src/client/index.ts';
-import type { ImageCapabilities, LayerFile } from '../../src/client/inspect.ts';
+import type { HostExtent, ImageCapabilities, LayerFile } from '../../src/client/inspect.ts';
 import type { ImageInfo } from '../../src/core/img/info.ts';
 import type { BlockdevOptions } from '../../src/core/types.ts';
 import { Jobs } from './jobs.ts';
@@ -89,6 +89,8 @@ export class App {
   async refresh(img: OpenImage): Promise<void> {
     const [info, caps, layers] = await Promise.all([this.engine.info(img.id, true), this.inspector.capabilities(img.id), this.inspector.layers(img.id)]);
     Object.assign(img, { info, caps, layers });
+    // A repair or commit may have changed what the host clusters hold.
+    this.layouts.delete(img);
     if (this.current === img) this.emit('current');
   }
 
@@ -118,6 +120,26 @@ export class App {
     const path = img.opfsPath;
     await this.close(img);
     return this.open({ opfs: path }, { readOnly, waitBusyMs: 2000 }, { label: img.label, origin: img.origin, opfsPath: path, notes: img.notes });
+  }
+
+  private readonly layouts = new WeakMap<OpenImage, Map<number, Promise<HostExtent[]>>>();
+
+  /**
+   * What each host cluster of a layer holds, computed once per image and
+   * layer as a cancellable job (the Tables and Hex tabs share it). A failed
+   * or cancelled analysis is forgotten so it can be asked for again.
+   */
+  hostLayout(img: OpenImage, layer: number): Promise<HostExtent[]> {
+    let m = this.layouts.get(img);
+    if (!m) this.layouts.set(img, (m = new Map()));
+    let p = m.get(layer);
+    if (!p) {
+      const mine = this.jobs.run(`Analyse host file of ${img.layers[layer]?.filename ?? img.label}`, (job) => this.inspector.hostLayout(img.id, layer, { progress: job.progress, signal: job.signal }), { unit: 'items' });
+      m.set(layer, mine);
+      mine.catch(() => m.delete(layer));
+      p = mine;
+    }
+    return p;
   }
 
   /** The open image stored at an OPFS path, if any. */

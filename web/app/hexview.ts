@@ -20,8 +20,6 @@ const ROWS = 32;
 
 /** One read-only backend per open image, attached on first use. */
 const backends = new WeakMap<OpenImage, Promise<RemoteBlockBackend>>();
-/** Host layouts per image and layer, computed once. */
-const layouts = new WeakMap<OpenImage, Map<number, Promise<HostExtent[]>>>();
 
 /** Formats `data` as a hex dump starting at `base`. */
 export function hexDump(data: Uint8Array, base: number, perRow: number): string {
@@ -138,18 +136,6 @@ export class HexView {
     return b;
   }
 
-  private layout(layer: number): Promise<HostExtent[]> {
-    let m = layouts.get(this.img);
-    if (!m) layouts.set(this.img, (m = new Map()));
-    let p = m.get(layer);
-    if (!p) {
-      p = this.app.jobs.run('Analyse host file', (job) => this.app.inspector.hostLayout(this.img.id, layer, { progress: job.progress, signal: job.signal }), { unit: 'items' });
-      m.set(layer, p);
-      p.catch(() => m.delete(layer));
-    }
-    return p;
-  }
-
   /** Reads and shows the page at the current offset, and what maps to it. */
   async show(): Promise<void> {
     const seq = ++this.seq;
@@ -195,7 +181,7 @@ export class HexView {
       if (l?.format !== 'qcow2') {
         out.push(h('p', {}, l?.format === 'raw' ? 'A raw image: host offset = guest offset.' : `A ${l?.format ?? '?'} image.`));
       } else {
-        const extents = await this.layout(this.layer);
+        const extents: HostExtent[] = await this.app.hostLayout(this.img, this.layer);
         let i = 0;
         while (i < extents.length && extents[i]!.start + extents[i]!.length <= offset) i++;
         for (; i < extents.length && extents[i]!.start < offset + len; i++) {

@@ -189,7 +189,8 @@ class TablesView {
     const hv = this.header!;
     const clusters = Math.ceil(hv.fileLength / hv.clusterSize);
     try {
-      const counts = await this.app.inspector.refcounts(this.img.id, start, REFCOUNT_PAGE, this.layer);
+      // Up to the end of the file (refcounts past it are all 0 and only clutter the grid).
+      const counts = await this.app.inspector.refcounts(this.img.id, start, Math.max(1, Math.min(REFCOUNT_PAGE, clusters - start)), this.layer);
       const input = h('input', { type: 'text', inputmode: 'numeric', value: String(start), size: 8, 'aria-label': 'First host cluster' });
       const go = h(
         'form',
@@ -235,7 +236,7 @@ class TablesView {
     replace(this.layoutSlot, h('p', { class: 'muted' }, 'Analysing…'));
     let extents: HostExtent[];
     try {
-      extents = await this.app.jobs.run('Analyse host file', (job) => this.app.inspector.hostLayout(this.img.id, this.layer, { progress: job.progress, signal: job.signal }), { unit: 'items' });
+      extents = await this.app.hostLayout(this.img, this.layer);
     } catch (e) {
       replace(this.layoutSlot, isCancel(e) ? h('p', { class: 'muted' }, 'Cancelled.') : errorBox(e), button('Analyse the host file', () => void this.analyse()));
       return;
