@@ -23,6 +23,7 @@ import { resizeImage, SHRINK_WARNING, ShrinkRefused } from '../core/img/resize.t
 import { applySnapshot, createSnapshot, deleteSnapshot, listSnapshots } from '../core/img/snapshot.ts';
 import { PREALLOC_MODES, type PreallocMode } from '../core/types.ts';
 import { asQDict, dumpQObject, fmtFixed, jsonPretty, sizeToStr, altHex, type JsonValue } from './format.ts';
+import { checkObjectOption, parseTraceOption } from './common.ts';
 import { Getopt, type LongOption } from './getopt.ts';
 import { QemuProgress } from './progress.ts';
 import { defaultGraph, type CliIO } from './runtime.ts';
@@ -129,34 +130,17 @@ const L = {
   format: { name: 'format', hasArg: 1, val: 'f' } as LongOption,
 };
 
-/**
- * --object: qblock knows one user-creatable object type, `secret` (kept for
- * option compatibility; no driver here consumes secrets yet), validated as
- * QEMU validates it. Other types are refused the way QEMU refuses unknown ones.
- */
+/** --object, with qemu-img's exit on error. */
 function objectOption(img: Img, arg: string): void {
-  const items = arg.split(',');
-  const props: Record<string, string> = {};
-  items.forEach((item, i) => {
-    const eq = item.indexOf('=');
-    if (eq < 0 && i === 0) props['qom-type'] = item;
-    else if (eq >= 0) props[item.slice(0, eq)] = item.slice(eq + 1);
-  });
-  const type = props['qom-type'];
-  if (type === undefined) img.fail("Parameter 'qom-type' is missing");
-  if (type !== 'secret') img.fail(`Parameter 'qom-type' does not accept value '${type}'`);
-  const id = props.id;
-  if (id === undefined) img.fail("Parameter 'id' is missing");
-  if (img.objects.has(id)) img.fail(`attempt to add duplicate property '${id}' to object (type 'container')`);
-  if (props.data === undefined && props.file === undefined) img.fail("Either 'file' or 'data' must be provided");
-  img.objects.add(id);
+  const err = checkObjectOption(arg, img.objects);
+  if (err !== null) img.fail(err);
 }
 
-/** -T/--trace: qblock has no trace events, so a named one does not exist (QEMU's warning). */
+/** -T/--trace. */
 function traceOption(img: Img, arg: string): void {
-  for (const [k, v] of arg.split(',').map((p) => (p.includes('=') ? [p.slice(0, p.indexOf('=')), p.slice(p.indexOf('=') + 1)] : ['enable', p]))) {
-    if (k === 'enable' && v && !/[*?]/.test(v)) img.report(`warning: trace event '${v}' does not exist`);
-  }
+  const t = parseTraceOption(arg);
+  for (const w of t.warnings) img.report(w);
+  if (t.error !== null) img.fail(t.error);
 }
 
 /** qemu-img's cvtnum_full: a size with QEMU's two error styles. */

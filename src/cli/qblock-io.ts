@@ -17,6 +17,7 @@ import { loadVmstate, saveVmstate } from '../core/img/vmstate.ts';
 import { BDRV_REQUEST_MAX_BYTES, PERM, PREALLOC_MODES, REQ, type BlockdevOptions, type PreallocMode } from '../core/types.ts';
 import { blkdebugBreak, blkdebugIsSuspended, blkdebugRemoveBreak, blkdebugResume, blkdebugSetMessageHandler, blkdebugWaitBreak } from '../filters/blkdebug.ts';
 import { cvtstr, dumpQObject, fmtFixed, hexDump, type JsonValue } from './format.ts';
+import { checkObjectOption, parseTraceOption } from './common.ts';
 import { Getopt, type LongOption } from './getopt.ts';
 import { defaultGraph, type CliIO } from './runtime.ts';
 import { cvtnum, strtol, type SizeParse } from './strtosz.ts';
@@ -1369,6 +1370,7 @@ export async function qblockIo(argv: readonly string[], io: CliIO): Promise<numb
   const o: OpenFlags = { readOnly: false, snapshot: false, cache: undefined, unmap: true, copyOnRead: false, forceShare: false };
   let format: string | undefined;
   let imageOpts = false;
+  const objectIds = new Set<string>();
   const fail = (msg: string): number => {
     io.stderr(`${PROG}: ${msg}\n`);
     return 1;
@@ -1397,7 +1399,12 @@ export async function qblockIo(argv: readonly string[], io: CliIO): Promise<numb
         if (!parseCacheMode(x.arg!)) return fail(`Invalid cache option: ${x.arg}`);
         o.cache = x.arg!;
         break;
-      case 'T': break;
+      case 'T': {
+        const t = parseTraceOption(x.arg!);
+        for (const w of t.warnings) io.stderr(`${PROG}: ${w}\n`);
+        if (t.error !== null) return fail(t.error);
+        break;
+      }
       case 'V':
         io.stdout(`${PROG} version ${QBLOCK_VERSION}\n`);
         return 0;
@@ -1405,7 +1412,11 @@ export async function qblockIo(argv: readonly string[], io: CliIO): Promise<numb
         io.stdout(usageText());
         return 0;
       case 'U': o.forceShare = true; break;
-      case 256: return fail('--object is not supported: qblock has no user-creatable objects (secrets, TLS credentials)');
+      case 256: {
+        const err = checkObjectOption(x.arg!, objectIds);
+        if (err !== null) return fail(err);
+        break;
+      }
       case 257: imageOpts = true; break;
       default:
         io.stdout(usageText());
