@@ -78,3 +78,35 @@ export function encodeBe64(src: usize, dst: usize, count: usize): void {
     store<u64>(dst + (i << 3), bswap<u64>(<u64>load<f64>(src + (i << 3))));
   }
 }
+
+/**
+ * Index of the first of `count` big-endian 64-bit entries at `ptr` whose
+ * value ANDed with the mask (maskHi:maskLo) lies in [lo, hi) (0 <= lo, both
+ * below 2^53), or -1. This is the inner loop of qcow2's metadata overlap check:
+ * is any L2 table or refcount block (an L1 or refcount-table entry) inside
+ * the clusters a write touches. Two entries per step: byte-swapped with one
+ * swizzle, compared as signed 64-bit lanes: a value with bit 63 set reads as
+ * negative, below lo, so it is never found (it is past any JS offset anyway).
+ */
+export function findBe64InRange(ptr: usize, count: usize, maskHi: u32, maskLo: u32, lo: f64, hi: f64): i32 {
+  if (hi <= lo || count == 0) return -1;
+  const mask = (<u64>maskHi << 32) | <u64>maskLo;
+  const l = <i64>lo;
+  const h = <i64>hi;
+  const order = i8x16(7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8);
+  const vmask = i64x2.splat(<i64>mask);
+  const vlo = i64x2.splat(l);
+  const vhi = i64x2.splat(h);
+  let i: usize = 0;
+  for (; i + 2 <= count; i += 2) {
+    const v = v128.and(i8x16.swizzle(v128.load(ptr + (i << 3)), order), vmask);
+    // lo <= v < hi, per lane
+    const inRange = v128.and(i64x2.ge_s(v, vlo), i64x2.lt_s(v, vhi));
+    if (v128.any_true(inRange)) return <i32>(i64x2.extract_lane(inRange, 0) != 0 ? i : i + 1);
+  }
+  if (i < count) {
+    const v = <i64>(bswap<u64>(load<u64>(ptr + (i << 3))) & mask);
+    if (v >= l && v < h) return <i32>i;
+  }
+  return -1;
+}

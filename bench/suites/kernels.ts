@@ -111,7 +111,7 @@ export async function kernelRows(wasm: Kernels, ref: Kernels, opts: KernelBenchO
   const blockW = inWasm(wasm, block);
   let gi = 0;
   const ex = wasm.host!.exports;
-  await pair('refcount get: a wasm call vs JS, one 16-bit entry', 'ops/s', 0, () => ex.rcGet(blockW.byteOffset, (gi = (gi + 7919) & 32767), order), () => ref.refcount.get(block, gi, order), undefined, 'below 1: so the engine gets/sets single entries in JS');
+  await pair('refcount get: a wasm call vs JS, one 16-bit entry', 'ops/s', 0, () => ex.rcGet(blockW.byteOffset, (gi = (gi + 7919) & 32767), order), () => ref.refcount.get(block, gi, order), undefined, 'the engine reads/writes single entries in JS (ops-wasm.ts)');
   await pair('refcount findZero over a full 64 KiB block', 'ops/s', 0, () => wasm.refcount.findZero(blockW, 0, 32768, order), () => ref.refcount.findZero(block, 0, 32768, order));
   const fw: FreeRun = { index: 0, length: 0 };
   const fr: FreeRun = { index: 0, length: 0 };
@@ -167,6 +167,13 @@ export async function kernelRows(wasm: Kernels, ref: Kernels, opts: KernelBenchO
   const dstW = new Float64Array(65536);
   const dstR = new Float64Array(65536);
   await pair('decodeBe64: L1 table of 65536 entries', 'MB/s', l1.length, () => wasm.byteorder.decodeBe64(l1W, dstW, 0x00ffffff, 0xfffffe00), () => ref.byteorder.decodeBe64(l1, dstR, 0x00ffffff, 0xfffffe00));
+  // The metadata overlap check's search: does any refcount block (8192-entry table) lie in the cluster a write touches?
+  const reft = new Uint8Array(8192 * 8);
+  const rdv = new DataView(reft.buffer);
+  for (let i = 0; i < 8192; i++) if (i < 100) rdv.setUint32(8 * i + 4, (1000 + i) * 65536);
+  const reftW = inWasm(wasm, reft);
+  await pair('findInRange: overlap check over an 8192-entry refcount table', 'ops/s', 0, () => wasm.byteorder.findInRange(reftW, 0x00ffffff, 0xfffffe00, 5000 * 65536, 5001 * 65536), () => ref.byteorder.findInRange(reft, 0x00ffffff, 0xfffffe00, 5000 * 65536, 5001 * 65536));
+  await pair('findInRange, same table on the JS heap (copied in)', 'ops/s', 0, () => wasm.byteorder.findInRange(reft, 0x00ffffff, 0xfffffe00, 5000 * 65536, 5001 * 65536), () => ref.byteorder.findInRange(reft, 0x00ffffff, 0xfffffe00, 5000 * 65536, 5001 * 65536));
   const sw64 = randomBytes(MiB, 5);
   const sw64W = inWasm(wasm, sw64);
   await pair('swap64 in place, 1 MiB', 'MB/s', MiB, () => (wasm.byteorder.swap64(sw64W), 0), () => (ref.byteorder.swap64(sw64), 0));

@@ -57,6 +57,40 @@ describe('byte-order kernel', () => {
   });
 });
 
+describe('table range search', () => {
+  let k: Kernels;
+  beforeAll(async () => {
+    k = await instantiateKernels();
+  });
+
+  it('finds the first masked big-endian entry in [lo, hi) like the reference (the overlap check)', () => {
+    fc.assert(
+      fc.property(
+        fc.array(fc.tuple(fc.nat(0x3ff), fc.nat(0x3f), fc.boolean()), { maxLength: 40 }),
+        fc.nat(0x3ff),
+        fc.nat(64),
+        fc.constantFrom([0x00ffffff, 0xfffffe00], [0x00ffffff, 0xffffffff], [0xffffffff, 0xffffffff]),
+        (entries, loCluster, span, [mh, ml]) => {
+          // Cluster-aligned offsets (64 KiB) with flag bits in the high and low words, some past 2^53.
+          const table = new Uint8Array(entries.length * 8);
+          const dv = new DataView(table.buffer);
+          entries.forEach(([cluster, flags, huge], i) => {
+            const off = cluster * 65536;
+            dv.setUint32(8 * i, (huge ? 0x00400000 : Math.floor(off / 2 ** 32)) | (flags & 1 ? 0x80000000 : 0));
+            dv.setUint32(8 * i + 4, (off >>> 0) | (flags & 0x1fe));
+          });
+          const lo = loCluster * 65536;
+          const hi = lo + span * 65536;
+          const want = byteOrderRef.findInRange(table, mh!, ml!, lo, hi);
+          expect(k.byteorder.findInRange(table, mh!, ml!, lo, hi)).toBe(want);
+          expect(k.byteorder.findInRange(inWasm(k, table, 'fr-test'), mh!, ml!, lo, hi)).toBe(want);
+        },
+      ),
+      { numRuns: 500 },
+    );
+  });
+});
+
 describe('zero-block kernel', () => {
   let k: Kernels;
   beforeAll(async () => {

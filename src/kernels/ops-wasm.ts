@@ -412,6 +412,20 @@ export function wasmByteOrderOps(host: WasmHost): ByteOrderOps {
       if (!host.contains(dst)) dst.set(new Float64Array(host.bytes().buffer, out, count));
       return bad;
     },
+    findInRange(table, maskHi, maskLo, lo, hi) {
+      const count = Math.floor(table.length / 8);
+      if (count === 0 || !(hi > lo)) return -1;
+      // The kernel compares signed: a value with bit 63 set is negative, below any lo >= 0, so never found, as in the reference.
+      if (lo < 0) lo = 0;
+      const mh = maskHi >>> 0;
+      if (host.contains(table)) return ex.findBe64InRange(table.byteOffset, count, mh, maskLo >>> 0, lo, hi);
+      for (let i = 0; i < count; i += COPY_CHUNK / 8) {
+        const n = Math.min(COPY_CHUNK / 8, count - i);
+        const r = ex.findBe64InRange(host.copyIn('bo', table.subarray(8 * i, 8 * (i + n))), n, mh, maskLo >>> 0, lo, hi);
+        if (r >= 0) return i + r;
+      }
+      return -1;
+    },
     encodeBe64(src, dst) {
       const count = src.length;
       if (count === 0) return;

@@ -113,6 +113,18 @@ export const byteOrderRef: ByteOrderOps = {
     }
     return bad;
   },
+  findInRange(table, maskHi, maskLo, lo, hi) {
+    const count = Math.floor(table.length / 8);
+    for (let i = 0; i < count; i++) {
+      const o = 8 * i;
+      const h = (((table[o]! << 24) | (table[o + 1]! << 16) | (table[o + 2]! << 8) | table[o + 3]!) & maskHi) >>> 0;
+      const l = (((table[o + 4]! << 24) | (table[o + 5]! << 16) | (table[o + 6]! << 8) | table[o + 7]!) & maskLo) >>> 0;
+      // Exact below 2^53; above it every value is past any hi a JS caller can give.
+      const v = h * 0x100000000 + l;
+      if (h < 0x200000 && v >= lo && v < hi) return i;
+    }
+    return -1;
+  },
   encodeBe64(src, dst) {
     for (let i = 0; i < src.length; i++) {
       const v = src[i]!;

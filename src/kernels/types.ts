@@ -126,6 +126,13 @@ export interface ByteOrderOps {
   decodeBe64(src: Uint8Array, dst: Float64Array, maskHi: number, maskLo: number): number;
   /** Encodes `src` (integers in [0, 2^53)) as big-endian u64 entries into `dst`. */
   encodeBe64(src: Float64Array, dst: Uint8Array): void;
+  /**
+   * Index of the first big-endian u64 entry of `table` (table.length / 8 of
+   * them) whose value ANDed with maskHi:maskLo lies in [lo, hi), or -1
+   * (values at or past 2^53 never match): the metadata overlap check's search of the L1 and
+   * refcount tables for a table inside the clusters a write touches.
+   */
+  findInRange(table: Uint8Array, maskHi: number, maskLo: number, lo: number, hi: number): number;
 }
 
 /** Zero detection. */

@@ -26,6 +26,7 @@ export interface QblockExports {
   swap64(ptr: number, count: number): void;
   decodeBe64(src: number, dst: number, count: number, maskHi: number, maskLo: number): number;
   encodeBe64(src: number, dst: number, count: number): void;
+  findBe64InRange(ptr: number, count: number, maskHi: number, maskLo: number, lo: number, hi: number): number;
   l2Scan(entries: number, firstIndex: number, scIndex: number, nbClusters: number, geom: number, out: number): void;
   l2Runs(entries: number, firstIndex: number, scIndex: number, nbClusters: number, geom: number, out: number, maxRuns: number): number;
   rcGet(ptr: number, index: number, order: number): number;
