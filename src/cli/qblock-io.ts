@@ -7,7 +7,7 @@
 import { constants as osConstants } from 'node:os';
 import { promises as fsp } from 'node:fs';
 import type { BlockBackend } from '../core/block-backend.ts';
-import { BlockError, STRERROR, toBlockError, type ErrnoCode } from '../core/errors.ts';
+import { STRERROR, toBlockError, type ErrnoCode } from '../core/errors.ts';
 import type { Graph } from '../core/graph.ts';
 import { bdrvGetLength, bdrvIsAllocated } from '../core/io.ts';
 import { bdrvGetInfo, bdrvGetSpecificInfo } from '../core/img/info.ts';

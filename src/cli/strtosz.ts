@@ -10,7 +10,9 @@ export type SizeParse =
   | { ok: true; value: bigint; end: number }
   | { ok: false; code: 'EINVAL' | 'ERANGE'; end: number };
 
+/** Largest value qemu_strtosz accepts. */
 export const UINT64_MAX = (1n << 64n) - 1n;
+/** Largest size most QEMU options accept (INT64_MAX). */
 export const INT64_MAX = (1n << 63n) - 1n;
 
 const SPACE = new Set([' ', '\t', '\n', '\v', '\f', '\r']);

@@ -63,6 +63,7 @@ const HELP_MASK = [
   { re: /^Supported formats:.*$/m, why: 'QEMU lists its own set of drivers' },
 ];
 
+/** Every qemu-img case, in command order. */
 export const IMG_CASES: DiffCase[] = [
   // --- main
   img(''),
@@ -80,6 +81,9 @@ export const IMG_CASES: DiffCase[] = [
   // --- info
   img('info -f raw $D/a.raw'),
   img('info $D/a.raw'),
+  img('info --output=json $D/a.raw', RAW),
+  img('compare $D/a.raw $D/a.raw', RAW),
+  img('resize -f raw $D/a.raw 2M', RAW, { files: ['a.raw'] }),
   img('info --output=json $D/a.raw'),
   img('info --output json -f raw $D/a.raw'),
   img('info --out=json $D/a.raw'),

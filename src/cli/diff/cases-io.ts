@@ -32,6 +32,7 @@ const QCOW = [
   'qemu-img create -q -f qcow2 -o compat=0.10 $D/v2.qcow2 1M',
 ];
 
+/** Every qemu-io case: options, then each command, then qcow2, blkdebug and snapshot mode. */
 export const IO_CASES: DiffCase[] = [
   // --- top-level options and usage
   io('-h', { files: [] }),
