@@ -20,7 +20,7 @@
  * write.
  */
 import { BlockError, toBlockError } from '../../core/errors.ts';
-import { bdrvDebugEvent, bdrvFlush, bdrvPdiscard, bdrvPreadv, bdrvPwritev } from '../../core/io.ts';
+import { bdrvDebugEvent, bdrvFlush, bdrvGetLength, bdrvPdiscard, bdrvPreadv, bdrvPwritev } from '../../core/io.ts';
 import { HDR, hex, INCOMPAT, LIMITS, parseHeader, serializeHeader } from './header.ts';
 import { refcountKernel } from './refcount.ts';
 import { metadataOverlap, overlapName, hiWord, loWord, type DiscardType, type Qcow2State } from './state.ts';
@@ -124,6 +124,10 @@ async function refblockOffset(s: Qcow2State, index: number): Promise<number> {
   const off = s.refcount.tableEntry(index);
   if (off !== 0 && (!Number.isFinite(off) || off % s.clusterSize !== 0)) {
     throw await signalCorruption(s, `Refblock offset ${Number.isFinite(off) ? hex(off) : 'beyond 2^53'} unaligned (reftable index: ${hex(index)})`);
+  }
+  // Blocks are written before the table points at them, so one past the end of the file is corrupt metadata.
+  if (off !== 0 && off >= (await bdrvGetLength(s.bs.file!.bs))) {
+    throw await signalCorruption(s, `Refblock offset ${hex(off)} beyond the end of the image file (reftable index: ${hex(index)})`);
   }
   return off;
 }

@@ -73,16 +73,28 @@ interface Ctx {
   rebuild: boolean;
   /** Clusters of the refcount table and blocks (left out of a rebuilt structure). */
   refcountClusters: Set<number>;
+  /** Length of the image file. */
+  fileLength: number;
 }
 
 function newResult(): CheckResult {
   return { corruptions: 0, leaks: 0, checkErrors: 0, corruptionsFixed: 0, leaksFixed: 0, imageEndOffset: 0, bfi: { totalClusters: 0, allocatedClusters: 0, fragmentedClusters: 0, compressedClusters: 0 } };
 }
 
-/** QEMU's inc_refcounts: one reference to every cluster [offset, offset+size) touches. */
+/**
+ * QEMU's qcow2_inc_refcounts_imrt: one reference to every cluster
+ * [offset, offset+size) touches. A region ending a cluster or more past the
+ * end of the file is a corruption and is not counted (which also bounds the
+ * table by the file size).
+ */
 function incRefs(c: Ctx, offset: number, size: number, refcountStructure = false): void {
   if (size <= 0) return;
   const cs = c.s.clusterSize;
+  if (!Number.isFinite(offset) || !Number.isFinite(size) || offset + size - c.fileLength >= cs) {
+    c.log(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${Number.isFinite(offset) ? hex(offset) : 'beyond 2^53'} size 0x${hex(size)}`);
+    c.res.corruptions++;
+    return;
+  }
   const first = Math.floor(offset / cs);
   const last = Math.floor((offset + size - 1) / cs);
   for (let k = first; k <= last; k++) {
@@ -209,6 +221,8 @@ async function checkL1(c: Ctx, l1Offset: number, l1Size: number, active: boolean
   const cs = c.s.clusterSize;
   incRefs(c, l1Offset, l1Size * 8);
   if (l1Size === 0) return;
+  // A table past the end of the file reads as zeroes (as a read past EOF does in QEMU): no L2 tables.
+  if (!active && l1Offset >= c.fileLength) return;
   const l1 = active ? c.s.l1 : await readTable(c, l1Offset, l1Size * 8, 'check_refcounts_l1');
   if (!l1) return;
   const frag = { next: 0 };
@@ -241,7 +255,11 @@ async function checkBitmaps(c: Ctx): Promise<void> {
     return;
   }
   for (const e of dir) {
-    if (e.tableSize > 0x8000000) { c.res.corruptions++; continue; }
+    if (!Number.isFinite(e.tableOffset) || e.tableOffset + e.tableSize * 8 > c.fileLength + c.s.clusterSize) {
+      // Counted as the corruption it is, and not read: the table would be larger than the file.
+      incRefs(c, e.tableOffset, e.tableSize * 8);
+      continue;
+    }
     incRefs(c, e.tableOffset, e.tableSize * 8);
     const t = await readTable(c, e.tableOffset, e.tableSize * 8, 'bitmap table');
     if (!t) continue;
@@ -258,7 +276,19 @@ async function calculate(c: Ctx): Promise<void> {
   const cs = s.clusterSize;
   incRefs(c, 0, cs);
   await checkL1(c, s.header.l1TableOffset, s.header.l1Size, true);
-  for (const sn of s.snapshots) await checkL1(c, sn.l1TableOffset, sn.l1Size, false);
+  for (const sn of s.snapshots) {
+    if (!Number.isFinite(sn.l1TableOffset) || sn.l1TableOffset % cs !== 0) {
+      c.log(`ERROR snapshot ${sn.id} (${sn.name}) l1_offset=${Number.isFinite(sn.l1TableOffset) ? `0x${hex(sn.l1TableOffset)}` : 'beyond 2^53'}: L1 table is not cluster aligned; snapshot table entry corrupted`);
+      c.res.corruptions++;
+      continue;
+    }
+    if (sn.l1Size > LIMITS.MAX_L1_SIZE / 8) {
+      c.log(`ERROR snapshot ${sn.id} (${sn.name}) l1_size=0x${hex(sn.l1Size)}: L1 size is too large; snapshot table entry corrupted`);
+      c.res.corruptions++;
+      continue;
+    }
+    await checkL1(c, sn.l1TableOffset, sn.l1Size, false);
+  }
   incRefs(c, s.header.snapshotsOffset, s.snapshotsSize);
   await checkBitmaps(c);
   incRefs(c, s.refcount.tableOffset, s.refcount.table.length, true);
@@ -538,7 +568,7 @@ export async function qcow2Check(bs: BlockNode, s: Qcow2State, fix: number): Pro
   const fileClusters = Math.ceil(fileLength / cs);
   res.bfi.totalClusters = Math.ceil(Math.floor(s.header.size / 512) * 512 / cs);
   // References past the file are kept sparsely, so a corrupt entry cannot make the table huge.
-  const c: Ctx = { bs, s, res, fix, refs: new RefTable(fileClusters, fileClusters + 1024), log, rebuild: false, refcountClusters: new Set() };
+  const c: Ctx = { bs, s, res, fix, refs: new RefTable(fileClusters, fileClusters + 1024), log, rebuild: false, refcountClusters: new Set(), fileLength };
   await calculate(c);
   const before = { ...res, bfi: { ...res.bfi } };
   let highest = await compare(c, 0);
@@ -546,7 +576,8 @@ export async function qcow2Check(bs: BlockNode, s: Qcow2State, fix: number): Pro
     const old = { corruptions: res.corruptions, leaks: res.leaks };
     await rebuild(c);
     // Count again against the new structures (QEMU recalculates and fixes the old structures' leaks).
-    const again: Ctx = { bs, s, res: newResult(), fix: 0, refs: new RefTable(fileClusters, fileClusters + 1024), log: () => undefined, rebuild: false, refcountClusters: new Set() };
+    const newLength = await bdrvGetLength(bs.file!.bs);
+    const again: Ctx = { bs, s, res: newResult(), fix: 0, refs: new RefTable(Math.ceil(newLength / cs), Math.ceil(newLength / cs) + 1024), log: () => undefined, rebuild: false, refcountClusters: new Set(), fileLength: newLength };
     await calculate(again);
     highest = await compare(again, CHECK_FIX.LEAKS);
     Object.assign(res, { ...before, corruptions: again.res.corruptions, leaks: again.res.leaks - again.res.leaksFixed, checkErrors: before.checkErrors + again.res.checkErrors });
