@@ -469,6 +469,8 @@ export async function hostLayout(file: BdrvChild, step: LayoutStep = async () =>
   const cs = 2 ** h.clusterBits;
   const map = new HostMap(cs, Math.ceil(fileLength / cs));
   const extended = (h.incompatibleFeatures & INCOMPAT.EXTL2) !== 0n;
+  // With an external data file, L2 entries point into that file, not this one.
+  const dataHere = (h.incompatibleFeatures & INCOMPAT.DATA_FILE) === 0n;
   const entryBytes = extended ? 16 : 8;
   const l2Entries = cs / entryBytes;
   map.mark(0, cs, 'header');
@@ -502,7 +504,7 @@ export async function hostLayout(file: BdrvChild, step: LayoutStep = async () =>
       const table = await bdrvPread(file, l2, cs);
       for (let j = 0; j < l2Entries; j++) {
         const e = decodeL2Entry(table, j * entryBytes, h, j, (i * l2Entries + j) * cs);
-        if (e.hostOffset === undefined || e.hostOffset <= 0) continue;
+        if (!dataHere || e.hostOffset === undefined || e.hostOffset <= 0) continue;
         if (e.type === 'compressed') map.mark(e.hostOffset, e.compressedSize ?? 1, active ? 'compressed' : 'snapshot-data', active ? e.guestOffset : -1);
         else if (e.type === 'normal' || e.type === 'zero-alloc') map.mark(e.hostOffset, cs, active ? 'data' : 'snapshot-data', active ? e.guestOffset : -1);
       }
