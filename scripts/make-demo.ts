@@ -18,6 +18,8 @@
  * engine has them: the internal snapshot and the dirty bitmaps are added
  * with qemu-img, and the writes after the bitmaps (which only QEMU would
  * mark in them) go through qemu-io; without qemu-utils they are left out.
+ * The snapshot moves to the engine by itself once its qcow2 driver creates
+ * snapshots (src/core/img/snapshot.ts is already there).
  * An engine whose qcow2 writes fail with ENOTSUP falls back to doing every
  * step with qemu-img/qemu-io (also TEMPORARY). demo.json's byQemu lists
  * what QEMU's tools did, and the app shows it.
@@ -275,7 +277,17 @@ async function generateWithEngine(dir: string, layers: DemoLayer[], log: (m: str
       await write(path, layer.ops);
       let hasBitmaps = false;
       if (layer.snapshot !== undefined) {
-        if (qemu) {
+        if (qcow2.snapshotCreate) {
+          // The engine's own qemu-img snapshot -c, once its qcow2 driver can.
+          const { createSnapshot } = await import('../src/core/img/snapshot.ts');
+          const blk = await BlockBackend.open(graph, { driver: 'qcow2', file: { driver: 'file', filename: path } });
+          try {
+            await createSnapshot(blk.bs!, layer.snapshot);
+            await blk.flush();
+          } finally {
+            await blk.close();
+          }
+        } else if (qemu) {
           // TEMPORARY: qcow2 internal snapshots are not in the engine yet.
           run('qemu-img', ['snapshot', '-c', layer.snapshot, layer.file], dir);
           byQemu.push(`snapshot '${layer.snapshot}' (qemu-img snapshot)`);
