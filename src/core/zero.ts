@@ -3,6 +3,8 @@
  * is loaded (src/kernels) and a word-wise scan until then.
  */
 
+import { firstNonZeroRef, firstZeroBlockRef } from '../kernels/reference.ts';
+
 /** A zero-check implementation: returns true when every byte is 0. */
 export type ZeroCheck = (buf: Uint8Array) => boolean;
 
@@ -32,4 +34,29 @@ export function isZeroBuffer(buf: Uint8Array): boolean {
 /** Installs a faster implementation (the wasm kernel); the kernels module calls this on load. */
 export function setZeroCheck(fn: ZeroCheck): void {
   impl = fn;
+}
+
+/** Scans that find where data and zeroes start in one call, instead of one isZeroBuffer call per sector. */
+export interface ZeroScan {
+  /** Offset of the first non-zero byte of `buf`, or -1. */
+  firstNonZero(buf: Uint8Array): number;
+  /** Offset of the first all-zero `unit`-byte block of `buf` (blocks at multiples of unit; the last may be short), or -1. */
+  firstZeroBlock(buf: Uint8Array, unit: number): number;
+}
+
+let scan: ZeroScan = { firstNonZero: firstNonZeroRef, firstZeroBlock: firstZeroBlockRef };
+
+/** Offset of the first non-zero byte of `buf`, or -1 when it is all zero (convert -S, compare, map). */
+export function firstNonZeroByte(buf: Uint8Array): number {
+  return scan.firstNonZero(buf);
+}
+
+/** Offset of the first all-zero `unit`-byte block of `buf`, or -1 when every block holds data (convert -S). */
+export function firstZeroBlock(buf: Uint8Array, unit: number): number {
+  return scan.firstZeroBlock(buf, unit);
+}
+
+/** Installs faster scans (the wasm kernels); the kernels module calls this on load. */
+export function setZeroScan(s: ZeroScan): void {
+  scan = s;
 }

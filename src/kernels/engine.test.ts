@@ -8,12 +8,12 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BlockBackend } from '../core/block-backend.ts';
 import { HBitmap } from '../core/hbitmap.ts';
-import { isZeroBuffer } from '../core/zero.ts';
+import { firstNonZeroByte, isZeroBuffer } from '../core/zero.ts';
 import { qcow2Kernels } from '../formats/qcow2/kernels.ts';
 import { createNodeGraph } from '../node.ts';
 import { kernels, usingWasm, type QblockExports } from './index.ts';
 
-type ExportName = 'l2Scan' | 'isZero' | 'hbSet' | 'rcGet';
+type ExportName = 'l2Scan' | 'isZero' | 'firstNonZero' | 'hbSet' | 'rcFindZero' | 'rcFindNonZero';
 
 /** Wraps the named exports of the loaded module with call counters; returns the counts and a restore function. */
 function countCalls(names: ExportName[]): { counts: Record<string, number>; restore: () => void } {
@@ -53,7 +53,7 @@ describe('engine kernels', () => {
       expect(qcow2Kernels().l2).toBe(k.l2);
       expect(qcow2Kernels().refcount).toBe(k.refcount);
 
-      const { counts, restore } = countCalls(['l2Scan', 'isZero', 'hbSet']);
+      const { counts, restore } = countCalls(['l2Scan', 'isZero', 'firstNonZero', 'hbSet']);
       try {
         const data = await blk.read(1 << 20, 192 * 1024);
         expect(data.every((b) => b === 0x5a)).toBe(true);
@@ -61,6 +61,8 @@ describe('engine kernels', () => {
         expect(counts.l2Scan).toBeGreaterThan(0);
         expect(isZeroBuffer(new Uint8Array(4096))).toBe(true);
         expect(counts.isZero).toBeGreaterThan(0);
+        expect(firstNonZeroByte(new Uint8Array(8192).fill(1, 5000))).toBe(5000);
+        expect(counts.firstNonZero).toBeGreaterThan(0);
         new HBitmap(1 << 20, 512).set(0, 4096);
         expect(counts.hbSet).toBe(1);
       } finally {
@@ -71,5 +73,25 @@ describe('engine kernels', () => {
     } finally {
       await blk.close();
     }
+  });
+
+  it('allocating writes search refcount blocks with the wasm kernel', async () => {
+    const img = join(dir, 'w.qcow2');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', img, '64M']);
+    const blk = await BlockBackend.open(createNodeGraph(), img);
+    try {
+      const { counts, restore } = countCalls(['rcFindZero', 'rcFindNonZero']);
+      try {
+        await blk.pwrite(8 << 20, new Uint8Array(65536).fill(7));
+        await blk.flush();
+      } finally {
+        restore();
+      }
+      expect(counts.rcFindZero! + counts.rcFindNonZero!).toBeGreaterThan(0);
+      expect((await blk.read(8 << 20, 65536)).every((b) => b === 7)).toBe(true);
+    } finally {
+      await blk.close();
+    }
+    execFileSync('qemu-img', ['check', '-q', img]);
   });
 });

@@ -7,7 +7,7 @@
 // metadata cache's entry buffers (so caches live in linear memory).
 
 import { setBitmapKernel } from '../core/hbitmap.ts';
-import { setZeroCheck } from '../core/zero.ts';
+import { setZeroCheck, setZeroScan } from '../core/zero.ts';
 import { setCacheBufferAllocator } from '../formats/qcow2/cache.ts';
 import { jsQcow2Kernels, setQcow2Kernels } from '../formats/qcow2/kernels.ts';
 import { wasmBitmapOps, wasmByteOrderOps, wasmL2Ops, wasmRefcountOps, wasmZeroOps } from './ops-wasm.ts';
@@ -129,13 +129,14 @@ export async function instantiateKernels(shared?: boolean): Promise<Kernels> {
 }
 
 /**
- * Makes `k` the implementation the engine calls: the zero check, the qcow2 L2
+ * Makes `k` the implementation the engine calls: the zero check and scans, the qcow2 L2
  * and refcount kernels, the bitmap kernel of new HBitmaps, and the cache
  * entry allocator (linear memory when `k` has a pool, the JS heap otherwise).
  * loadKernels does this; benchmarks call it to compare implementations.
  */
 export function installKernels(k: Kernels): void {
   setZeroCheck(k.isZero);
+  setZeroScan({ firstNonZero: k.firstNonZero, firstZeroBlock: k.firstZeroBlock });
   setBitmapKernel(k.bitmap);
   setQcow2Kernels(k.wasm ? { l2: k.l2, refcount: k.refcount } : jsQcow2Kernels);
   const pool = k.pool;
