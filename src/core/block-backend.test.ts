@@ -344,3 +344,4 @@ describe('notifications and op blockers', () => {
     await blk.close();
   });
 });
+

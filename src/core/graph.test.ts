@@ -178,3 +178,32 @@ describe('block status through a backing chain', () => {
     await base.close();
   });
 });
+
+describe('reopen of children', () => {
+  it('makes the file writable again after -r then -w, but keeps a child the user opened read-only', async () => {
+    const g = graph();
+    const blk = await BlockBackend.open(g, { driver: 'tfmt', size: 65536, file: { driver: 'tstore', name: uniq('rr') } }, { readOnly: true });
+    const top = blk.bs!;
+    await g.reopen(top, { readOnly: false });
+    await g.reopen(top, { readOnly: true });
+    await g.reopen(top, { readOnly: false });
+    expect(top.file!.bs.readOnly).toBe(false);
+    await blk.close();
+    const pinned = await g.open({ driver: 'tfmt', size: 65536, file: { driver: 'tstore', name: uniq('pin'), 'read-only': true } });
+    await g.reopen(pinned, { readOnly: false }).catch(() => undefined);
+    expect(pinned.file!.bs.readOnly).toBe(true);
+    await g.unref(pinned);
+  });
+
+  it('opens a storage child given only a filename as a protocol node, without probing', async () => {
+    const g = graph();
+    const bs = await g.open({ driver: 'tfmt', size: 65536, file: { filename: `tstore:${uniq('fn')}` } });
+    expect(bs.file!.bs.drv.name).toBe('tstore');
+    await g.unref(bs);
+  });
+
+  it("refuses copy-on-read on a read-only device with QEMU's message", async () => {
+    const g = graph();
+    await expect(g.open({ driver: 'tstore', name: uniq('cor') }, 0x0400)).rejects.toThrow("Can't use copy-on-read on read-only device");
+  });
+});

@@ -208,7 +208,11 @@ export class Graph {
         );
       }
     }
+    if (g.flags & OPEN.COPY_ON_READ && !(g.flags & OPEN.RDWR)) {
+      throw new BlockError('EINVAL', "Can't use copy-on-read on read-only device");
+    }
     const bs = new BlockNode(this, drv, name, auto, g.flags, { ...options, 'node-name': name });
+    bs.readOnlyExplicit = options['read-only'] === true;
     bs.detectZeroes = g.detectZeroes;
     bs.discardUnmap = g.unmap;
     if (typeof options.filename === 'string') bs.filename = options.filename;
@@ -273,6 +277,10 @@ export class Graph {
         node = existing;
         node.refcnt++;
       }
+    } else if (spec.driver === undefined && typeof spec.filename === 'string' && !(role & ROLE.COW)) {
+      // Storage children without a driver are protocol nodes chosen by the filename, never probed (QEMU's BDRV_O_PROTOCOL).
+      const { filename, ...rest } = spec;
+      node = await this.openProtocol(filename, this.childFlags(parent, role, spec), rest);
     } else {
       node = await this.open(spec, this.childFlags(parent, role, spec));
     }
@@ -573,7 +581,7 @@ export class Graph {
     };
     visit(bs, ro.readOnly ?? bs.readOnly, ro.options ?? {});
     for (const q of queue) {
-      if (q.bs.options['read-only'] === true && !q.readOnly && q.bs !== bs) {
+      if (q.bs.readOnlyExplicit && !q.readOnly && q.bs !== bs) {
         // A child explicitly opened read-only keeps that.
         q.readOnly = true;
         q.flags &= ~OPEN.RDWR;

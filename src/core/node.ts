@@ -58,6 +58,8 @@ export class BlockNode {
   backingFormat = '';
   /** Backing file name resolved against the image's location. */
   fullBackingFilename = '';
+  /** The user asked for read-only when opening this node; a reopen of a parent does not make it writable. */
+  readOnlyExplicit = false;
   /** Whether the format was given rather than probed (probed raw refuses writes to sector 0). */
   probed = false;
   encrypted = false;
