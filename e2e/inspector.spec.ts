@@ -204,7 +204,7 @@ test('an image made by qemu-img, opened with the file input, matches qemu-img in
   }
 });
 
-test('an image dropped on the page opens read-only', async ({ page }) => {
+test('an image dropped on the page opens read-only; a library copy of it can be repaired', async ({ page }) => {
   const errors = collectErrors(page);
   const dir = tempDir();
   try {
@@ -225,6 +225,17 @@ test('an image dropped on the page opens read-only', async ({ page }) => {
     await expect(page.getByTestId('image-title')).toHaveText('dropped.qcow2');
     await expect(page.locator('.pill', { hasText: 'read-only' })).toBeVisible();
     await expect(page.getByTestId('image-summary').locator('[data-key="cluster-size"]')).toHaveAttribute('data-value', '4096');
+    // To change it, copy it into the library (the dropped file itself is never written), reopen for writing, repair.
+    await tab(page, 'Actions');
+    await expect(page.getByRole('button', { name: 'Repair leaks' })).toBeDisabled();
+    await page.getByTestId('copy-into-library').click();
+    await expect(page.getByTestId('image-title')).toHaveText('imports/dropped/dropped.qcow2');
+    await tab(page, 'Actions');
+    await page.getByTestId('reopen').click();
+    await expect(page.locator('.pill', { hasText: 'read-write' })).toBeVisible();
+    await tab(page, 'Actions');
+    await page.getByRole('button', { name: 'Repair leaks' }).click();
+    await expect(page.getByTestId('check-verdict')).toHaveText('No errors were found on the image.');
     expect(errors).toEqual([]);
   } finally {
     rmSync(dir, { recursive: true, force: true });

@@ -196,7 +196,15 @@ function wireOpenControls(): void {
       placeholder(errorBox(`'${url}' is not a URL`));
       return;
     }
-    void openUrl(app, abs).catch((e: unknown) => placeholder(h('p', {}, `Could not open ${abs}:`), errorBox(e)));
+    void openUrl(app, abs).catch((e: unknown) =>
+      placeholder(
+        h('p', {}, `Could not open ${abs}:`),
+        errorBox(e),
+        new URL(abs).origin !== location.origin
+          ? h('p', { class: 'muted' }, 'Images on another site are read with range requests from this page, so that server must allow it with CORS: Access-Control-Allow-Origin, Range in Access-Control-Allow-Headers, and Content-Range in Access-Control-Expose-Headers.')
+          : '',
+      ),
+    );
   });
   const overlay = el<HTMLElement>('drop-overlay');
   let depth = 0;

@@ -6,7 +6,7 @@
  */
 import type { Availability } from '../../src/client/inspect.ts';
 import type { CheckOutcome } from '../../src/core/img/check.ts';
-import type { App, OpenImage } from './app.ts';
+import { copyIntoLibrary, type App, type OpenImage } from './app.ts';
 import { button, errorBox, h, replace, type Child } from './dom.ts';
 import { bytes, percent } from './format.ts';
 import { isCancel } from './jobs.ts';
@@ -101,8 +101,9 @@ export function renderActions(app: App, img: OpenImage, root: HTMLElement): void
     replace(checkOut, h('p', { class: 'muted' }, repair ? 'Repairing…' : 'Checking…'));
     try {
       const r = await app.jobs.run(`${repair ? 'Repair' : 'Check'} ${img.label}`, () => app.engine.check(img.id, repair ? 'leaks' : undefined), { cancellable: false });
+      // The report stays on screen: the refresh only updates what the other tabs will show.
+      if (repair) await app.refresh(img, false);
       replace(checkOut, checkReport(r));
-      if (repair) await app.refresh(img);
     } catch (e) {
       failed(checkOut, e, 'check');
     }
@@ -144,6 +145,7 @@ export function renderActions(app: App, img: OpenImage, root: HTMLElement): void
     replace(chainOut, h('p', { class: 'muted' }, 'Committing…'));
     try {
       await app.jobs.run(`Commit ${img.label} into its backing file`, (job) => app.inspector.commit(img.id, { progress: job.progress, signal: job.signal }));
+      await app.refresh(img, false);
       replace(chainOut, h('p', { class: 'ok' }, 'Image committed (the overlay was left as it was).'));
       app.emit('library');
     } catch (e) {
@@ -169,7 +171,9 @@ export function renderActions(app: App, img: OpenImage, root: HTMLElement): void
   const reopen: Child =
     img.opfsPath !== undefined
       ? button(writable ? 'Reopen read-only' : 'Reopen for writing', () => void app.reopen(img, writable).catch((e: unknown) => replace(checkOut, errorBox(e))), { class: 'small', 'data-testid': 'reopen' })
-      : null;
+      : img.files
+        ? button('Copy into the library', () => void copyIntoLibrary(app, img).catch((e: unknown) => replace(checkOut, errorBox(e))), { class: 'small', 'data-testid': 'copy-into-library', title: 'Your file stays as it is; the copy can be repaired, committed and changed' })
+        : null;
   replace(
     root,
     h(

@@ -30,6 +30,8 @@ export interface OpenImage {
   layers: LayerFile[];
   /** Notes shown with the image (a backing file that was not given, say). */
   notes: string[];
+  /** The user's files behind an image opened from the file picker or a drop, top of the chain first. */
+  files?: File[];
 }
 
 /** What the views listen to. */
@@ -68,13 +70,14 @@ export class App {
   }
 
   /** Opens an image in the engine, gathers what the views show about it, and makes it current. */
-  async open(source: ImageSource, opts: OpenOptions, meta: { label: string; origin: ImageOrigin; opfsPath?: string; url?: string; notes?: string[] }): Promise<OpenImage> {
+  async open(source: ImageSource, opts: OpenOptions, meta: { label: string; origin: ImageOrigin; opfsPath?: string; url?: string; notes?: string[]; files?: File[] }): Promise<OpenImage> {
     const summary = await this.engine.open(source, opts);
     try {
       const [info, caps, layers] = await Promise.all([this.engine.info(summary.id, true), this.inspector.capabilities(summary.id), this.inspector.layers(summary.id)]);
       const img: OpenImage = { id: summary.id, summary, label: meta.label, origin: meta.origin, info, caps, layers, notes: meta.notes ?? [] };
       if (meta.opfsPath !== undefined) img.opfsPath = meta.opfsPath;
       if (meta.url !== undefined) img.url = meta.url;
+      if (meta.files !== undefined) img.files = meta.files;
       this.images.push(img);
       this.emit('images');
       this.select(img);
@@ -85,13 +88,13 @@ export class App {
     }
   }
 
-  /** Refreshes what is known about an open image (after a repair, say). */
-  async refresh(img: OpenImage): Promise<void> {
+  /** Refreshes what is known about an open image (after a repair, say); `rerender` false leaves the views as they are. */
+  async refresh(img: OpenImage, rerender = true): Promise<void> {
     const [info, caps, layers] = await Promise.all([this.engine.info(img.id, true), this.inspector.capabilities(img.id), this.inspector.layers(img.id)]);
     Object.assign(img, { info, caps, layers });
     // A repair or commit may have changed what the host clusters hold.
     this.layouts.delete(img);
-    if (this.current === img) this.emit('current');
+    if (rerender && this.current === img) this.emit('current');
   }
 
   /** Shows `img`. */
@@ -154,6 +157,8 @@ interface ChainLayer {
   file: BlockdevOptions;
   /** How to probe it on its own (backing: null). */
   source: ImageSource;
+  /** The user's file, for layers opened from files. */
+  blob?: File;
 }
 
 /**
@@ -173,6 +178,7 @@ export function plainName(name: string): boolean {
  */
 export async function openChain(app: App, top: ChainLayer, find: (name: string, of: ChainLayer) => ChainLayer | undefined, meta: { label: string; origin: ImageOrigin; url?: string }): Promise<OpenImage> {
   const notes: string[] = [];
+  const files: File[] = [];
   const probe = async (l: ChainLayer): Promise<{ format: string; backing?: string }> => {
     const s = await app.engine.open(l.source, { backing: null, readOnly: true });
     try {
@@ -186,6 +192,7 @@ export async function openChain(app: App, top: ChainLayer, find: (name: string, 
     }
   };
   const build = async (l: ChainLayer, depth: number): Promise<BlockdevOptions> => {
+    if (l.blob) files.push(l.blob);
     const p = await probe(l);
     const o: BlockdevOptions = { driver: p.format, file: l.file, 'read-only': true };
     if (p.backing === undefined) return o;
@@ -199,14 +206,15 @@ export async function openChain(app: App, top: ChainLayer, find: (name: string, 
     return o;
   };
   const options = await build(top, 0);
-  const m: { label: string; origin: ImageOrigin; url?: string; notes: string[] } = { label: meta.label, origin: meta.origin, notes };
+  const m: { label: string; origin: ImageOrigin; url?: string; notes: string[]; files?: File[] } = { label: meta.label, origin: meta.origin, notes };
   if (meta.url !== undefined) m.url = meta.url;
+  if (files.length) m.files = files;
   return app.open({ options }, { readOnly: true }, m);
 }
 
 /** Opens files the user picked or dropped: overlays find their backing files among them by name. */
 export async function openFiles(app: App, files: File[]): Promise<OpenImage[]> {
-  const layers = files.map((f): ChainLayer => ({ label: f.name, file: { driver: 'blob', blob: f }, source: { blob: f } }));
+  const layers = files.map((f): ChainLayer => ({ label: f.name, file: { driver: 'blob', blob: f }, source: { blob: f }, blob: f }));
   const byName = new Map(layers.map((l) => [l.label, l]));
   const find = (name: string): ChainLayer | undefined => byName.get(name.split('/').pop() ?? name);
   // Files some other file names as its backing file are opened as part of that chain, not alone.
@@ -226,6 +234,26 @@ export async function openFiles(app: App, files: File[]): Promise<OpenImage[]> {
   const out: OpenImage[] = [];
   for (const l of layers) if (!referenced.has(l.label)) out.push(await openChain(app, l, find, { label: l.label, origin: 'file' }));
   return out;
+}
+
+/**
+ * Copies the files behind a file-opened image into the library, in a
+ * directory of their own so the chain's names still resolve, and opens the
+ * copy: the way to change an image without touching the user's own file.
+ */
+export async function copyIntoLibrary(app: App, img: OpenImage): Promise<OpenImage> {
+  const files = img.files ?? [];
+  if (files.length === 0) throw new Error(`${img.label} was not opened from files`);
+  const taken = new Set((await app.engine.list('', true)).map((e) => e.path));
+  const stem = files[0]!.name.replace(/\.[^.]*$/, '') || 'image';
+  let dir = `imports/${stem}`;
+  for (let i = 2; taken.has(dir); i++) dir = `imports/${stem}-${i}`;
+  for (const f of files) {
+    await app.jobs.run(`Copy ${f.name} into the library`, (job) => app.engine.importImage({ blob: f }, `${dir}/${f.name}`, { progress: job.progress, signal: job.signal }));
+  }
+  app.emit('library');
+  const path = `${dir}/${files[0]!.name}`;
+  return app.open({ opfs: path }, { readOnly: true }, { label: path, origin: 'opfs', opfsPath: path });
 }
 
 /** Opens an image over HTTP; backing files named inside it are fetched next to it (plain names only). */
