@@ -117,18 +117,26 @@ async function waitSerialising(bs: BlockNode, req: TrackedRequest): Promise<void
 // ---------------------------------------------------------------------------
 // Length
 
+/**
+ * QEMU keeps lengths in whole 512-byte sectors (bs->total_sectors), so a
+ * 1000-byte file is a 1024-byte disk whose tail reads as zeroes.
+ */
+function sectorLength(len: number): number {
+  return alignUp(len, 512);
+}
+
 /** Length of the node in bytes (QEMU's bdrv_getlength); asks drivers with variable length every time. */
 export async function bdrvGetLength(bs: BlockNode): Promise<number> {
   checkNode(bs);
   if (bs.drv.hasVariableLength && bs.drv.getLength) {
-    bs.totalBytes = await bs.drv.getLength(bs);
+    bs.totalBytes = sectorLength(await bs.drv.getLength(bs));
   }
   return bs.totalBytes;
 }
 
 /** Re-reads the length from the driver (after open or truncate). */
 export async function refreshTotalBytes(bs: BlockNode): Promise<number> {
-  if (bs.drv.getLength) bs.totalBytes = await bs.drv.getLength(bs);
+  if (bs.drv.getLength) bs.totalBytes = sectorLength(await bs.drv.getLength(bs));
   else if (bs.primaryChild) bs.totalBytes = await bdrvGetLength(bs.primaryChild.bs);
   return bs.totalBytes;
 }
@@ -258,9 +266,6 @@ function checkWritePerm(child: BdrvChild, offset: number, bytes: number, flags: 
   if (bs.readOnly || !(child.perm & need)) {
     throw new BlockError('EPERM', undefined, { node: bs.nodeName });
   }
-  if (offset + bytes > bs.totalBytes && !(child.perm & PERM.RESIZE) && bs.drv.kind === 'format' && !bs.drv.hasVariableLength) {
-    // Formats have a fixed virtual size; only protocols grow on write.
-  }
 }
 
 /** Runs the before-write hooks and the write threshold (QEMU's bdrv_co_write_req_prepare). */
@@ -282,7 +287,7 @@ function writeReqFinish(bs: BlockNode, offset: number, bytes: number): void {
   bs.writeGen++;
   const end = offset + bytes;
   if (end > bs.wrHighestOffset) bs.wrHighestOffset = end;
-  if (end > bs.totalBytes && bs.drv.kind !== 'format') bs.totalBytes = end;
+  if (end > bs.totalBytes && bs.drv.kind !== 'format') bs.totalBytes = sectorLength(end);
 }
 
 async function driverPwritev(bs: BlockNode, offset: number, bytes: number, buf: Uint8Array, flags: number, signal?: AbortSignal): Promise<void> {
@@ -328,8 +333,9 @@ async function alignedPwritev(bs: BlockNode, _req: TrackedRequest | null, offset
 
 /**
  * Zeroes a range via the driver, falling back to writing a zero buffer when
- * the driver cannot (unless NO_FALLBACK). Honours pwrite_zeroes alignment by
- * writing unaligned head and tail as buffers (QEMU's bdrv_co_do_pwrite_zeroes).
+ * the driver cannot (unless NO_FALLBACK). Splits at pwrite_zeroes alignment:
+ * the unaligned head and tail are separate driver calls that may answer
+ * ENOTSUP and are then written as buffers (QEMU's bdrv_co_do_pwrite_zeroes).
  */
 async function doPwriteZeroes(bs: BlockNode, offset: number, bytes: number, flags: number): Promise<void> {
   const drv = bs.drv;
@@ -344,8 +350,9 @@ async function doPwriteZeroes(bs: BlockNode, offset: number, bytes: number, flag
     if (pos < headEnd && pos % align !== 0) num = headEnd - pos;
     else if (end - pos >= align) num = Math.min(alignDown(end - pos, align), maxWriteZeroes);
     else num = end - pos;
-    const aligned = pos % align === 0 && num % align === 0;
-    let fallback = !aligned || !drv.pwriteZeroes;
+    // As in QEMU, the unaligned head and tail go to the driver too (each within one alignment unit):
+    // a driver may still zero them cheaply (qcow2 when the rest of the subcluster reads as zero), or say ENOTSUP.
+    let fallback = !drv.pwriteZeroes;
     if (!fallback) {
       try {
         const passFlags = flags & (bs.supportedZeroFlags | REQ.MAY_UNMAP | REQ.NO_FALLBACK | REQ.WRITE_UNCHANGED);
