@@ -11,6 +11,8 @@ type PageProbe = ProbeResult & { pageCrossOriginIsolated: boolean; error?: strin
 async function runProbe(page: Page): Promise<PageProbe> {
   await page.goto('/');
   await expect(page.locator('h1')).toHaveText('qblock image inspector');
+  // The inspector runs the probe when its Environment panel is opened.
+  await page.locator('details.env > summary').click();
   const out = page.locator('#probe[data-state="done"]');
   await expect(out).toBeAttached({ timeout: 20_000 });
   return JSON.parse((await out.textContent()) ?? '{}') as PageProbe;

@@ -302,7 +302,7 @@ async function registerServiceWorker(): Promise<string> {
   return reg.active ? 'ready' : 'installing';
 }
 
-/** The old environment probe (a worker that round-trips bytes through OPFS and loads the kernels), kept in the Environment panel. */
+/** The environment probe (a worker that round-trips bytes through OPFS and loads the kernels), shown in the Environment panel. */
 function runProbe(): void {
   const out = el<HTMLPreElement>('probe');
   const worker = new Worker(new URL('./probe-worker.ts', import.meta.url), { type: 'module' });
@@ -322,7 +322,11 @@ async function main(): Promise<void> {
   app.on('images', renderOpenList);
   wireOpenControls();
   renderOpenList();
-  runProbe();
+  // The probe repeats what the engine checks at start (it writes a scratch OPFS file and loads the kernels), so only on demand.
+  const envPanel = document.querySelector<HTMLDetailsElement>('details.env');
+  envPanel?.addEventListener('toggle', () => {
+    if (envPanel.open && el('probe').dataset.state === 'running') runProbe();
+  });
   let installPrompt: Event | undefined;
   const offline = h('span', { class: 'badge', 'data-testid': 'offline-badge' }, 'offline: …');
   const install = button('Install app', () => void (installPrompt as Event & { prompt(): Promise<void> }).prompt(), { class: 'small', hidden: true });
@@ -343,12 +347,12 @@ async function main(): Promise<void> {
     },
   );
   await app.ready();
-  const env = await app.engine.env();
-  renderBadges(env, [offline, install]);
+  const engineEnv = await app.engine.env();
+  renderBadges(engineEnv, [offline, install]);
   const library = new Library(app, el('library-body'));
-  const libReady = env.syncHandles ? library.start() : Promise.resolve(replace(el('library-body'), h('p', { class: 'muted' }, 'This browser gives workers no OPFS sync access handles, so images cannot be stored here.')));
+  const libReady = engineEnv.syncHandles ? library.start() : Promise.resolve(replace(el('library-body'), h('p', { class: 'muted' }, 'This browser gives workers no OPFS sync access handles, so images cannot be stored here.')));
   try {
-    await loadDemo(env);
+    await loadDemo(engineEnv);
   } catch (e) {
     placeholder(h('p', {}, 'The demo image could not be opened:'), errorBox(e));
   }

@@ -38,7 +38,7 @@ const COPY_CHUNK = 1 << 20;
 const BUSY_RETRY_MS = 100;
 
 /** The protocol node at the bottom of `bs`'s file chain. */
-function protocolOf(bs: BlockNode): BlockNode {
+export function protocolOf(bs: BlockNode): BlockNode {
   let n = bs;
   while (n.drv.kind !== 'protocol') {
     const next = n.file?.bs ?? n.primaryChild?.bs;

@@ -26,7 +26,7 @@ import { readPartitionTable, type PartitionTable } from '../core/partitions.ts';
 import { PERM } from '../core/types.ts';
 import { hostLayout, inspectHeader, readHeader, readL1, readL2, readRefcounts, requireQcow2, type HostExtent, type L1EntryView, type L2EntryView, type Qcow2HeaderView } from '../formats/qcow2/inspect.ts';
 import { httpStats, type HttpStats } from '../protocols/http.ts';
-import type { EngineHost } from './host.ts';
+import { protocolOf, type EngineHost } from './host.ts';
 import { JobBackend, runJob, type Job, type ProgressSink } from './jobs.ts';
 
 export type { HostExtent, HostExtentKind, L1EntryView, L2EntryType, L2EntryView, Qcow2HeaderView, FeatureBit, HeaderExtension, HeaderField } from '../formats/qcow2/inspect.ts';
@@ -94,22 +94,6 @@ export interface CreatableFormat {
   options: OptionSpec[];
 }
 
-/** The protocol node at the bottom of `bs`'s file chain. */
-function storageOf(bs: BlockNode): BlockNode {
-  let n = bs;
-  while (n.drv.kind !== 'protocol') {
-    const next = n.file?.bs ?? n.primaryChild?.bs;
-    if (!next) break;
-    n = next;
-  }
-  return n;
-}
-
-/** Why an engine operation the UI offers is not available yet. */
-function missingOp(what: string, op: string): Availability {
-  return { ok: false, reason: `${what} needs the engine's ${op} operation, which is not implemented yet` };
-}
-
 /** The inspector's worker-side service (handed to the page as a comlink proxy by EngineHost.inspector()). */
 export class InspectService {
   /** Serves queries over the images `host` holds open. */
@@ -136,7 +120,7 @@ export class InspectService {
     const out: LayerFile[] = [];
     let layer = 0;
     for (let n: BlockNode | undefined = this.host.node(id); n; n = n.backing?.bs, layer++) {
-      const st = storageOf(n);
+      const st = protocolOf(n);
       out.push({ layer, node: n.nodeName, format: n.drv.name, filename: n.filename, protocol: st.drv.name, fileLength: await bdrvGetLength(st), readOnly: n.readOnly });
     }
     return out;
@@ -212,7 +196,7 @@ export class InspectService {
   httpStats(id: string): HttpStats | undefined {
     let sum: HttpStats | undefined;
     for (let n: BlockNode | undefined = this.host.node(id); n; n = n.backing?.bs) {
-      const s = httpStats(storageOf(n));
+      const s = httpStats(protocolOf(n));
       if (!s) continue;
       if (!sum) sum = { ...s };
       else for (const k of Object.keys(s) as Array<keyof HttpStats>) sum[k] += s[k];
@@ -233,7 +217,7 @@ export class InspectService {
   capabilities(id: string): ImageCapabilities {
     const bs = this.host.node(id);
     const qcow2 = bs.drv.name === 'qcow2';
-    const inOpfs = storageOf(bs).drv.name === 'opfs';
+    const inOpfs = protocolOf(bs).drv.name === 'opfs';
     const check: Availability = bs.drv.check ? { ok: true } : { ok: false, reason: `${bs.drv.name} images have no consistency check (as in qemu-img)` };
     // Operations that modify the image: only on library images (the user's own files are never written) opened read-write.
     const modify = (what: string): Availability => {
@@ -245,7 +229,7 @@ export class InspectService {
     const convert: Record<string, Availability> = {};
     for (const f of this.formats()) convert[f.name] = { ok: true };
     let commit: Availability = bs.backing ? modify('Committing') : { ok: false, reason: 'The image has no backing file to commit into' };
-    if (commit.ok && storageOf(bs.backing!.bs).drv.name !== 'opfs') commit = { ok: false, reason: 'The backing file is not in the library, so it cannot be written' };
+    if (commit.ok && protocolOf(bs.backing!.bs).drv.name !== 'opfs') commit = { ok: false, reason: 'The backing file is not in the library, so it cannot be written' };
     let rebase: Availability = modify('Rebasing');
     if (rebase.ok && !bs.drv.changeBackingFile) rebase = { ok: false, reason: `The ${bs.drv.name} driver of this engine cannot rewrite its backing file reference yet` };
     return {

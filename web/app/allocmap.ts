@@ -41,7 +41,12 @@ function category(e: MapEntry): number {
   return CAT.ZERO;
 }
 
-/** qemu-img's entry_mergeable: the merged list is what `qemu-img map --output=json` prints. */
+/**
+ * qemu-img's entry_mergeable, for joining entries across the chunks the map is
+ * fetched in, so the list is what `qemu-img map --output=json` prints (the
+ * engine's copy in src/core/map.ts is not imported: the page reaches the
+ * engine only through the client API).
+ */
 function mergeable(a: MapEntry, b: MapEntry): boolean {
   if (a.depth !== b.depth || a.present !== b.present || a.zero !== b.zero || a.data !== b.data || a.compressed !== b.compressed) return false;
   if ((a.offset === undefined) !== (b.offset === undefined)) return false;
