@@ -100,6 +100,39 @@ function backing(img: string, opts: string[]): Uint8Array {
   return rawOf(img);
 }
 
+/**
+ * `qemu-img map --output=json` without host offsets, adjacent equal extents
+ * merged: the guest-visible allocation. "zero" is dropped for data extents:
+ * there it only tells where the host file has holes, and Node cannot punch
+ * holes the way file-posix's fallocate does.
+ */
+function guestMap(img: string): string {
+  const map = JSON.parse(qemuImg(tmp.dir, 'map', '-f', 'qcow2', '--output=json', img)) as Array<Record<string, unknown>>;
+  const out: Array<Record<string, unknown>> = [];
+  for (const e of map) {
+    const { offset: _o, start: _s, length, ...rest } = e;
+    if (rest.data === true) delete rest.zero;
+    const prev = out[out.length - 1];
+    const key = JSON.stringify(rest);
+    if (prev && prev.key === key) prev.length = (prev.length as number) + (length as number);
+    else out.push({ key, length });
+  }
+  return out.map((e) => `${String(e.key)} x${String(e.length)}`).join('\n');
+}
+
+/** The qemu-io commands that run the same workload on a qcow2 image (opened with discard=unmap). */
+function qemuIoQcow2Script(ops: Op[], cs: number, size: number): string[] {
+  return ops.map((op) => {
+    switch (op.t) {
+      case 'write': return `write -P ${op.pat} ${op.off} ${op.len}`;
+      case 'zero': return `write -z${op.unmap ? ' -u' : ''} ${op.off} ${op.len}`;
+      case 'discard': return `discard ${op.off} ${op.len}`;
+      case 'compress': return `write -c -P ${op.pat} ${op.off} ${Math.min(cs, size - op.off)}`;
+      case 'flush': return 'flush';
+    }
+  });
+}
+
 /** Runs one workload on a fresh image of `v` and checks it against QEMU. */
 async function runWorkload(v: Variant, ops: Op[]): Promise<void> {
   const id = counter++;
@@ -135,6 +168,13 @@ async function runWorkload(v: Variant, ops: Op[]): Promise<void> {
   }
   expect(check, describeOps(ops)).toMatch(/No errors were found on the image/);
   expect(qemuImg(tmp.dir, 'compare', '-f', 'qcow2', '-F', 'raw', img, raw).trim(), describeOps(ops)).toBe('Images are identical.');
+  // QEMU's own qcow2 result for the same workload must allocate the same way (data, zero flags, unallocated, depth).
+  const ref = `w${id}q.qcow2`;
+  qemuImg(tmp.dir, 'create', '-f', 'qcow2', ...v.create.map((a) => a.replace('DATA', `w${id}q.data`)), ref, String(v.size));
+  if (v.setup) v.setup(ref);
+  const qscript = qemuIoQcow2Script(ops, v.clusterSize, v.size);
+  if (qscript.length > 0) run(QEMU_IO, ['-d', 'unmap', '-f', 'qcow2', ...qscript.flatMap((c) => ['-c', c]), ref], tmp.dir);
+  expect(guestMap(img), describeOps(ops)).toBe(guestMap(ref));
 }
 
 describe('random workloads against qemu-io on raw, checked by qemu-img', () => {

@@ -13,10 +13,10 @@
  * references the old entries held are queued and dropped at the next
  * writeback, after the new entries are on disk (see alloc.ts).
  */
-import { BlockError, toBlockError } from '../../core/errors.ts';
-import { bdrvPwritev, bdrvPwriteZeroes, bdrvTruncate, bdrvGetLength } from '../../core/io.ts';
+import { BlockError, isBlockError, toBlockError } from '../../core/errors.ts';
+import { bdrvBlockStatusAbove, bdrvPwritev, bdrvPwriteZeroes, bdrvTruncate, bdrvGetLength } from '../../core/io.ts';
 import type { BlockNode } from '../../core/node.ts';
-import { REQ, type PreallocMode } from '../../core/types.ts';
+import { BLOCK, REQ, type PreallocMode } from '../../core/types.ts';
 import {
   allocBytes,
   allocClusters,
@@ -324,20 +324,14 @@ async function allocatingStep(bs: BlockNode, s: Qcow2State, offset: number, byte
       run = plans.slice(0, got.count);
     }
     const last = run[run.length - 1]!;
-    const buf = new Uint8Array(last.cowEnd - first.cowStart);
-    const base = first.cowStart;
-    let cowRead = false;
-    for (const p of run) {
-      if (p.cowStart < p.wStart || p.wEnd < p.cowEnd) {
-        if (!cowRead) { await ev(s, 'cow_read'); cowRead = true; }
-        if (p.cowStart < p.wStart) await qcow2Preadv(bs, p.cowStart, p.wStart - p.cowStart, buf.subarray(p.cowStart - base, p.wStart - base), 0);
-        if (p.wEnd < p.cowEnd) await qcow2Preadv(bs, p.wEnd, p.cowEnd - p.wEnd, buf.subarray(p.wEnd - base, p.cowEnd - base), 0);
-      }
-    }
     const written = last.wEnd - first.wStart;
-    buf.set(data.subarray(0, written), first.wStart - base);
-    if (cowRead) await ev(s, 'cow_write');
-    await writeData(s, host + (first.cowStart - first.clusterStart), buf);
+    const hostStart = host + (first.cowStart - first.clusterStart);
+    if (await zeroCowSpace(bs, s, hostStart, last.cowEnd - first.cowStart, [first.cowStart, first.wStart], [last.wEnd, last.cowEnd])) {
+      // The copy-on-write parts read as zero and the space is zeroed already: only the guest data is written.
+      await writeData(s, host + (first.wStart - first.clusterStart), data.subarray(0, written));
+    } else {
+      await copyOnWrite(bs, s, run, host, data, written);
+    }
     // The data is written; only now may the entries point at it.
     for (let k = 0; k < run.length; k++) {
       const p = run[k]!;
@@ -352,6 +346,45 @@ async function allocatingStep(bs: BlockNode, s: Qcow2State, offset: number, byte
   } finally {
     s.l2Cache.release(ref.offset);
   }
+}
+
+/**
+ * QEMU's handle_alloc_space: when the copy-on-write parts of an allocation
+ * read as zero, zero the whole host range with an efficient zero write
+ * (NO_FALLBACK: a sparse extension at the end of a file) instead of writing
+ * buffers of zeroes. Returns false when that is not possible.
+ */
+async function zeroCowSpace(bs: BlockNode, s: Qcow2State, hostStart: number, len: number, head: [number, number], tail: [number, number]): Promise<boolean> {
+  if (head[0] === head[1] && tail[0] === tail[1]) return false;
+  if (!(await readsAsZero(bs, head[0], head[1] - head[0])) || !(await readsAsZero(bs, tail[0], tail[1] - tail[0]))) return false;
+  if (!s.hasDataFile) await overlapCheck(s, 0, hostStart, len);
+  await ev(s, 'cluster_alloc_space');
+  try {
+    await bdrvPwriteZeroes(s.dataFile, hostStart, len, REQ.NO_FALLBACK);
+    return true;
+  } catch (e) {
+    if (isBlockError(e, 'ENOTSUP') || isBlockError(e, 'EAGAIN')) return false;
+    throw e;
+  }
+}
+
+/** QEMU's perform_cow merged with the data write: old contents around the new data, written in one request. */
+async function copyOnWrite(bs: BlockNode, s: Qcow2State, run: Plan[], host: number, data: Uint8Array, written: number): Promise<void> {
+  const first = run[0]!;
+  const last = run[run.length - 1]!;
+  const buf = new Uint8Array(last.cowEnd - first.cowStart);
+  const base = first.cowStart;
+  let cowRead = false;
+  for (const p of run) {
+    if (p.cowStart < p.wStart || p.wEnd < p.cowEnd) {
+      if (!cowRead) { await ev(s, 'cow_read'); cowRead = true; }
+      if (p.cowStart < p.wStart) await qcow2Preadv(bs, p.cowStart, p.wStart - p.cowStart, buf.subarray(p.cowStart - base, p.wStart - base), 0);
+      if (p.wEnd < p.cowEnd) await qcow2Preadv(bs, p.wEnd, p.cowEnd - p.wEnd, buf.subarray(p.wEnd - base, p.cowEnd - base), 0);
+    }
+  }
+  buf.set(data.subarray(0, written), first.wStart - base);
+  if (cowRead) await ev(s, 'cow_write');
+  await writeData(s, host + (first.cowStart - first.clusterStart), buf);
 }
 
 /** The driver's pwritev (QEMU's qcow2_co_pwritev_part). */
@@ -419,19 +452,48 @@ async function zeroStep(s: Qcow2State, offset: number, bytes: number, unmap: boo
   }
 }
 
+/** Whether [offset, offset+bytes) reads as zeroes through the whole chain, by block status alone (QEMU's is_zero). */
+async function readsAsZero(bs: BlockNode, offset: number, bytes: number): Promise<boolean> {
+  while (bytes > 0) {
+    const st = await bdrvBlockStatusAbove(bs, null, false, false, offset, bytes);
+    if (!(st.status & BLOCK.ZERO) || st.pnum <= 0) return false;
+    offset += st.pnum;
+    bytes -= st.pnum;
+  }
+  return true;
+}
+
 /** The driver's pwriteZeroes (QEMU's qcow2_co_pwrite_zeroes / qcow2_subcluster_zeroize): zero flags instead of data. */
 export async function qcow2PwriteZeroes(bs: BlockNode, offset: number, bytes: number, flags: number): Promise<void> {
   const s = state(bs);
   checkUsable(s);
-  // v2 has no zero flag; the generic layer writes a buffer of zeroes instead.
-  if (s.header.version < 3) throw new BlockError('ENOTSUP', undefined, { node: bs.nodeName });
-  const end = offset + bytes;
-  if (offset % s.subclusterSize !== 0 || (end % s.subclusterSize !== 0 && end !== bs.totalBytes)) {
-    throw new BlockError('ENOTSUP', undefined, { node: bs.nodeName });
+  // v2 has no zero flag: with a backing file the generic layer writes a buffer of zeroes instead.
+  if (s.header.version < 3 && bs.backing) throw new BlockError('ENOTSUP', undefined, { node: bs.nodeName });
+  const scs = s.subclusterSize;
+  const head = offset % scs;
+  let tail = (scs - ((offset + bytes) % scs)) % scs;
+  if (offset + bytes === bs.totalBytes) tail = 0;
+  if (head || tail) {
+    // A piece of one subcluster: zero the whole subcluster if the rest already reads as zero
+    // and it has no data of its own; otherwise the generic layer writes a buffer.
+    if (!(await readsAsZero(bs, offset - head, head)) || !(await readsAsZero(bs, offset + bytes, tail))) {
+      throw new BlockError('ENOTSUP', undefined, { node: bs.nodeName });
+    }
+    const m = await getHostOffset(s.mapping, offset - head, scs);
+    if (m.type !== SC.UNALLOCATED_PLAIN && m.type !== SC.UNALLOCATED_ALLOC && m.type !== SC.ZERO_PLAIN && m.type !== SC.ZERO_ALLOC) {
+      throw new BlockError('ENOTSUP', undefined, { node: bs.nodeName });
+    }
+    offset -= head;
+    bytes = Math.min(scs, bs.totalBytes - offset);
   }
   if (s.hasDataFile && s.header.autoclearFeatures & AUTOCLEAR.DATA_FILE_RAW) {
     // The raw data file must read like the image, so it is zeroed first.
     await bdrvPwriteZeroes(s.dataFile, offset, bytes, flags & REQ.MAY_UNMAP);
+  }
+  if (s.header.version < 3) {
+    // Without a backing file an unallocated cluster reads as zero, so v2 zeroes by discarding (QEMU does the same).
+    await s.lock.run(() => clusterDiscard(s, offset, bytes, 'request', false));
+    return;
   }
   const unmap = (flags & REQ.MAY_UNMAP) !== 0;
   let done = 0;
