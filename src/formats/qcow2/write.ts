@@ -745,12 +745,11 @@ export async function qcow2Truncate(bs: BlockNode, offset: number, exact: boolea
       await step('Failed to grow the L1 table', () => growL1(s, newL1, true));
       if (prealloc !== 'off' && offset > old) {
         await preallocate(bs, s, Math.ceil(old / cs) * cs, offset);
-        if (prealloc !== 'metadata' && !s.hasDataFile) {
-          // falloc/full: the file must also cover the new clusters, with the protocol's preallocation.
-          await writeback(s);
+        if (!s.hasDataFile) {
+          // The file must cover the new clusters (QEMU's preallocate_co); falloc/full preallocate them there too.
           const len = await bdrvGetLength(s.bs.file!.bs);
           const end = ((await lastUsedCluster(s)) + 1) * cs;
-          if (end > len) await bdrvTruncate(s.bs.file!, end, false, prealloc);
+          if (end > len) await bdrvTruncate(s.bs.file!, end, false, prealloc === 'metadata' ? 'off' : prealloc);
         }
       }
     }
