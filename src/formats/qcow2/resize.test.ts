@@ -167,3 +167,43 @@ describe('concurrent writes', () => {
     expect(raw(img).equals(Buffer.from(model))).toBe(true);
   });
 });
+
+describe('discard passthrough', () => {
+  /** Runs write, discard and zero-with-unmap on an image in a memory store; returns the discards that reached the store. */
+  async function fileDiscards(options: Record<string, unknown>): Promise<number> {
+    const { memoryDriver, memoryStore, deleteMemoryStore } = await import('../../protocols/memory.ts');
+    const { newGraph: graphWith } = await import('./testing.ts');
+    const { OPEN, PERM } = await import('../../core/types.ts');
+    const img = `pd${n++}.qcow2`;
+    qemuImg(tmp.dir, 'create', '-f', 'qcow2', img, '4M');
+    const bytes = readFileSync(tmp.path(img));
+    const name = `pd-${n}`;
+    const store = memoryStore(name);
+    store.resize(bytes.length);
+    store.write(0, bytes);
+    const graph = graphWith();
+    graph.registerDriver(memoryDriver);
+    const bs = await graph.open({ driver: 'qcow2', discard: 'unmap', ...options, file: { driver: 'memory', name } }, OPEN.RDWR);
+    const child = graph.attachRoot(bs, { kind: 'job', name: 'pd', description: () => 'discard test' }, 'root', PERM.CONSISTENT_READ | PERM.WRITE, PERM.ALL);
+    bs.refcnt--;
+    const fileNode = bs.file!.bs;
+    try {
+      await bdrvPwritev(child, 0, 256 * K, new Uint8Array(256 * K).fill(1));
+      await bdrvFlush(bs);
+      const { bdrvPdiscard, bdrvPwriteZeroes } = await import('../../core/io.ts');
+      await bdrvPdiscard(child, 0, 64 * K);
+      await bdrvPwriteZeroes(child, 128 * K, 64 * K, REQ.MAY_UNMAP);
+      await bdrvFlush(bs);
+      return (fileNode.opaque as { stats: { discards: number } }).stats.discards;
+    } finally {
+      await graph.detachChild(child);
+      await graph.closeAll();
+      deleteMemoryStore(name);
+    }
+  }
+
+  it('passes guest discards to the file by default (pass-discard-request) and not when disabled', async () => {
+    expect(await fileDiscards({})).toBe(2);
+    expect(await fileDiscards({ 'pass-discard-request': false })).toBe(0);
+  });
+});

@@ -26,6 +26,24 @@ describe('refcount kernel', () => {
     );
   });
 
+  it('finds zero and nonzero entries like get does, for every width', () => {
+    fc.assert(
+      fc.property(fc.integer({ min: 0, max: 6 }), fc.uint8Array({ minLength: 64, maxLength: 64 }), fc.integer({ min: 0, max: 63 }), fc.integer({ min: 0, max: 63 }), (order, raw, a, b) => {
+        const entries = (64 * 8) >> order;
+        // Sparse blocks: most entries zero, as in real refcount blocks.
+        const block = raw.map((v, i) => (i % 5 === 0 ? v : 0));
+        const from = Math.min(a, b) * (entries / 64);
+        const to = Math.max(a, b) * (entries / 64);
+        let zero = -1;
+        for (let i = from; i < to; i++) if (jsRefcountKernel.get(block, i, order) === 0) { zero = i; break; }
+        let nonzero = to;
+        for (let i = from; i < to; i++) if (jsRefcountKernel.get(block, i, order) !== 0) { nonzero = i; break; }
+        expect(jsRefcountKernel.findZero(block, from, to, order)).toBe(zero);
+        expect(jsRefcountKernel.findNonZero(block, from, to, order)).toBe(nonzero);
+      }),
+    );
+  });
+
   it('packs sub-byte refcounts least significant bits first', () => {
     const b = new Uint8Array(1);
     jsRefcountKernel.set(b, 0, 0, 1);
