@@ -46,7 +46,9 @@ describe('range checks', () => {
     const { blk } = await openStore({ size: 4096 });
     blk.allowWriteBeyondEof = true;
     await blk.pwrite(8192, new Uint8Array([1, 2, 3]));
-    expect(await blk.getLength()).toBe(8195);
+    // QEMU grows total_sectors to the sector holding the end of the write.
+    expect(await blk.getLength()).toBe(8704);
+    expect([...(await blk.read(8190, 8))]).toEqual([0, 0, 1, 2, 3, 0, 0, 0]);
     await blk.close();
   });
 
@@ -345,3 +347,18 @@ describe('notifications and op blockers', () => {
   });
 });
 
+
+describe('sector-granular lengths', () => {
+  it('shows a 1000-byte protocol as a 1024-byte disk whose tail reads as zeroes, like QEMU', async () => {
+    const name = uniq('odd');
+    const s = tstore(name);
+    s.data = new Uint8Array(1000).fill(9);
+    s.length = 1000;
+    const blk = await BlockBackend.open(graph(), { driver: 'tstore', name });
+    expect(await blk.getLength()).toBe(1024);
+    const tail = await blk.read(992, 32);
+    expect([...tail.subarray(0, 8)]).toEqual(new Array(8).fill(9));
+    expect(tail.subarray(8).every((b) => b === 0)).toBe(true);
+    await blk.close();
+  });
+});

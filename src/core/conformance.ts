@@ -260,14 +260,16 @@ async function withModel(t: ConformanceTarget, fn: (blk: BlockBackend, model: Fl
 }
 
 /**
- * Rounds a length for truncate up to the storage alignment. An image whose
- * length is not a multiple of it grows to the next multiple when its last
- * block is written (the read-modify-write covers the whole block, and QEMU
- * grows the node to the end of what was written), so the suite only uses
- * aligned lengths on aligned storage.
+ * Rounds a length for truncate up to the storage alignment, and at least to
+ * whole 512-byte sectors: QEMU keeps lengths in sectors (bs->total_sectors),
+ * so an odd length reads back rounded up (see the odd-size truncate case).
+ * On storage with a larger alignment, an image whose length is not a multiple
+ * of it grows to the next multiple when its last block is written (the
+ * read-modify-write covers the whole block, and QEMU grows the node to the
+ * end of what was written), so the suite only uses aligned lengths there.
  */
 function alignedSize(t: ConformanceTarget, n: number): number {
-  const a = t.alignment ?? 1;
+  const a = Math.max(t.alignment ?? 1, 512);
   return Math.ceil(n / a) * a;
 }
 
@@ -702,6 +704,28 @@ const truncateCases: ConformanceCase[] = [
         await blk.truncate(len);
         model.resize(len);
         await checkImage(blk, model, `after shrinking back to ${len}`);
+      }),
+  },
+  {
+    name: 'truncate to an odd length reads back as whole sectors with a zero tail, like QEMU',
+    group: 'truncate',
+    run: (t) =>
+      withModel(t, async (blk, model) => {
+        // Storage with a larger alignment grows to its block size instead (see alignedSize).
+        if ((t.alignment ?? 1) > 512) return;
+        const len = model.length;
+        const data = new Prng(34).bytes(len);
+        await blk.pwrite(0, data);
+        model.write(0, data);
+        const odd = Math.floor(len / 1024) * 512 + 1000;
+        await blk.truncate(odd);
+        // The bytes cut off are gone; the rest of the last sector reads as zero.
+        model.resize(odd);
+        model.resize(Math.ceil(odd / 512) * 512);
+        await checkImage(blk, model, `after truncating to ${odd}`);
+        await blk.truncate(len);
+        model.resize(len);
+        await checkImage(blk, model, `after growing back to ${len}`);
       }),
   },
   {

@@ -145,10 +145,15 @@ describe('file I/O', () => {
     const p = await file(100_000);
     const { bs } = await openNode(p);
     const st = await bdrvBlockStatus(bs, true, 4096, 1 << 20);
-    expect(st.status).toBe(BLOCK.DATA | BLOCK.OFFSET_VALID | BLOCK.ALLOCATED | BLOCK.EOF);
+    expect(st.status).toBe(BLOCK.DATA | BLOCK.OFFSET_VALID | BLOCK.ALLOCATED);
     expect(st.pnum).toBe(100_000 - 4096);
     expect(st.map).toBe(4096);
     expect(st.file).toBe(bs);
+    // The disk is 100 352 bytes (whole sectors); past the file's end file-posix reports a zero hole.
+    const tail = await bdrvBlockStatus(bs, true, 100_000, 1 << 20);
+    expect(tail.status).toBe(BLOCK.ZERO | BLOCK.OFFSET_VALID | BLOCK.ALLOCATED | BLOCK.EOF);
+    expect(tail.pnum).toBe(352);
+    expect(tail.map).toBe(100_000);
   });
 
   it('flush calls datasync once per dirty generation', async () => {
@@ -196,10 +201,12 @@ describe('file I/O', () => {
     const p = await file(4096);
     const { bs, root } = await openNode(p);
     await bdrvPwritev(root, 8000, 100, new Uint8Array(100));
-    expect(await bdrvGetLength(bs)).toBe(8100);
+    // Lengths are whole sectors in QEMU: the file is 8100 bytes, the node 8192.
+    expect((await fsp.stat(p)).size).toBe(8100);
+    expect(await bdrvGetLength(bs)).toBe(8192);
     await fsp.truncate(p, 20000);
-    expect(await bdrvGetLength(bs)).toBe(8100);
-    expect(await refreshTotalBytes(bs)).toBe(20000);
+    expect(await bdrvGetLength(bs)).toBe(8192);
+    expect(await refreshTotalBytes(bs)).toBe(20480);
   });
 
   it('reports the allocated size from st_blocks', async () => {

@@ -358,6 +358,20 @@ export const fileDriver: BlockDriver = {
   },
 
   async blockStatus(bs, _wantZero, offset, bytes): Promise<BlockStatus> {
+    // Node has no SEEK_DATA, so everything inside the file is data. Past the file's real end (the
+    // rest of its last sector, which QEMU counts in whole sectors) file-posix's SEEK_DATA fails with
+    // ENXIO and it reports a trailing hole that reads as zero, as `qemu-img map` shows.
+    if (offset + bytes > bs.totalBytes - 512) {
+      const len = await withHandle(bs, async (fh) => {
+        try {
+          return (await fh.stat()).size;
+        } catch (e) {
+          throw ioError(e, bs.nodeName);
+        }
+      });
+      if (offset >= len) return { status: BLOCK.ZERO | BLOCK.OFFSET_VALID, pnum: bytes, map: offset, file: bs };
+      bytes = Math.min(bytes, len - offset);
+    }
     return { status: BLOCK.DATA | BLOCK.OFFSET_VALID, pnum: bytes, map: offset, file: bs };
   },
 

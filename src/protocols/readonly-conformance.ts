@@ -12,6 +12,10 @@ import { check, checkBytes, checkRejects, Prng } from '../core/conformance.ts';
 /** An opened read-only image and the bytes it must contain. */
 export interface ReadOnlyImage {
   blk: BlockBackend;
+  /**
+   * The bytes stored. The disk is them rounded up to whole 512-byte sectors,
+   * the tail reading as zeroes, since QEMU keeps lengths in sectors.
+   */
   expected: Uint8Array;
   close(): Promise<void>;
 }
@@ -31,13 +35,24 @@ export interface ReadOnlyCase {
 
 const ODD_LENGTHS = [1, 511, 512, 513, 4095, 4097, 65535, 65537, 262_145];
 
-async function withImage(t: ReadOnlyTarget, fn: (img: ReadOnlyImage) => Promise<void>): Promise<void> {
+/** What a case sees: `expected` is the whole disk (stored bytes plus the zero tail of the last sector). */
+interface DiskView {
+  blk: BlockBackend;
+  expected: Uint8Array;
+  /** How many of the disk's bytes are stored; the rest of the last sector is the zero tail. */
+  stored: number;
+}
+
+async function withImage(t: ReadOnlyTarget, fn: (img: DiskView) => Promise<void>): Promise<void> {
   const img = await t.open();
   let failure: unknown = null;
   try {
-    check(img.expected.length >= 256 * 1024, `target image is ${img.expected.length} bytes; the cases need at least 256 KiB`);
-    check((await img.blk.getLength()) === img.expected.length, `length ${await img.blk.getLength()}, expected ${img.expected.length}`);
-    await fn(img);
+    const stored = img.expected.length;
+    check(stored >= 256 * 1024, `target image is ${stored} bytes; the cases need at least 256 KiB`);
+    const disk = new Uint8Array(Math.ceil(stored / 512) * 512);
+    disk.set(img.expected);
+    check((await img.blk.getLength()) === disk.length, `length ${await img.blk.getLength()}, expected ${disk.length} (${stored} stored, rounded up to sectors)`);
+    await fn({ blk: img.blk, expected: disk, stored });
   } catch (e) {
     failure = e;
   }
@@ -128,6 +143,22 @@ const cases: ReadOnlyCase[] = [
         await checkRejects(blk.pread(len + 4096, new Uint8Array(0)), 'EIO', 'zero-length read past EOF');
         await blk.pread(len, new Uint8Array(0));
         checkBytes(await blk.read(len - 1, 1), expected.subarray(len - 1), 'last byte');
+      }),
+  },
+  {
+    name: 'a length that is not a multiple of 512 reads up to the next sector, the tail as zeroes',
+    run: (t) =>
+      withImage(t, async ({ blk, expected, stored }) => {
+        const len = expected.length;
+        const from = Math.max(0, stored - 8);
+        // A poisoned buffer shows the tail really is zero-filled, not left alone.
+        const buf = new Uint8Array(len - from).fill(0xa5);
+        await blk.pread(from, buf);
+        checkBytes(buf.subarray(0, stored - from), expected.subarray(from, stored), 'last stored bytes', from);
+        check(
+          buf.subarray(stored - from).every((b) => b === 0),
+          `the ${len - stored} bytes after the stored ${stored} up to the sector end do not read as zero`,
+        );
       }),
   },
   {
