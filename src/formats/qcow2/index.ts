@@ -448,6 +448,13 @@ function qcow2ReopenCommit(rs: ReopenState): void {
 async function qcow2InvalidateCache(bs: BlockNode): Promise<void> {
   const s = state(bs);
   const file = bs.file!;
+  if (!bs.readOnly && !s.broken) {
+    // What we changed must reach the file before our caches are dropped.
+    await s.lock.run(async () => {
+      await writeback(s);
+      await barrier(s);
+    });
+  }
   // Storage first, as QEMU's bdrv_co_invalidate_cache does: the file may have grown.
   for (const c of [file, ...(s.hasDataFile ? [s.dataFile] : [])]) {
     await c.bs.drv.invalidateCache?.(c.bs);
@@ -478,6 +485,10 @@ async function qcow2InvalidateCache(bs: BlockNode): Promise<void> {
   s.l1VmStateIndex = l1VmStateIndex;
   s.refcount.table = reftable;
   s.refcount.tableOffset = h.refcountTableOffset;
+  // Another writer may have allocated anywhere: search for free clusters from the start again.
+  s.freeClusterIndex = 0;
+  s.freeByteOffset = 0;
+  s.l1Dirty.clear();
   bs.totalBytes = Math.floor(h.size / 512) * 512;
 }
 

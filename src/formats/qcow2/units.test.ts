@@ -32,8 +32,8 @@ describe('refcount kernel', () => {
         const entries = (64 * 8) >> order;
         // Sparse blocks: most entries zero, as in real refcount blocks.
         const block = raw.map((v, i) => (i % 5 === 0 ? v : 0));
-        const from = Math.min(a, b) * (entries / 64);
-        const to = Math.max(a, b) * (entries / 64);
+        const from = Math.floor((Math.min(a, b) * entries) / 64);
+        const to = Math.floor((Math.max(a, b) * entries) / 64);
         let zero = -1;
         for (let i = from; i < to; i++) if (jsRefcountKernel.get(block, i, order) === 0) { zero = i; break; }
         let nonzero = to;

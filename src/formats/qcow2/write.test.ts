@@ -10,7 +10,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { bdrvPread } from '../../core/io.ts';
-import { openQcow2, qemuImg, readAll, requireQemu, run, QEMU_IO, scratchDir } from './testing.ts';
+import { openQcow2, qemuImg, readAll, requireQemu, run, QEMU_IMG, QEMU_IO, scratchDir } from './testing.ts';
 import { applyToModel, describeOps, opsArb, qemuIoScript, runOp, type Op } from './workload.ts';
 
 const tmp = scratchDir();
@@ -106,8 +106,8 @@ function backing(img: string, opts: string[]): Uint8Array {
  * there it only tells where the host file has holes, and Node cannot punch
  * holes the way file-posix's fallocate does.
  */
-function guestMap(img: string): string {
-  const map = JSON.parse(qemuImg(tmp.dir, 'map', '-f', 'qcow2', '--output=json', img)) as Array<Record<string, unknown>>;
+function guestMap(json: string): string {
+  const map = JSON.parse(json) as Array<Record<string, unknown>>;
   const out: Array<Record<string, unknown>> = [];
   for (const e of map) {
     const { offset: _o, start: _s, length, ...rest } = e;
@@ -137,10 +137,17 @@ function qemuIoQcow2Script(ops: Op[], cs: number, size: number): string[] {
 async function runWorkload(v: Variant, ops: Op[]): Promise<void> {
   const id = counter++;
   const img = `w${id}.qcow2`;
-  const create = v.create.map((a) => a.replace('DATA', `w${id}.data`));
-  qemuImg(tmp.dir, 'create', '-f', 'qcow2', ...create, img, String(v.size));
-  const initial = v.setup ? v.setup(img) : new Uint8Array(v.size);
+  const ref = `w${id}q.qcow2`;
   const raw = `w${id}.raw`;
+  // Ours and QEMU's reference start out the same; the plain variants are made in one shell to save process starts.
+  if (v.setup) {
+    qemuImg(tmp.dir, 'create', '-f', 'qcow2', ...v.create.map((a) => a.replace('DATA', `w${id}.data`)), img, String(v.size));
+    qemuImg(tmp.dir, 'create', '-f', 'qcow2', ...v.create.map((a) => a.replace('DATA', `w${id}q.data`)), ref, String(v.size));
+  } else {
+    sh([qemuImgCmd(['create', '-q', '-f', 'qcow2', ...v.create.map((a) => a.replace('DATA', `w${id}.data`)), img, String(v.size)]), qemuImgCmd(['create', '-q', '-f', 'qcow2', ...v.create.map((a) => a.replace('DATA', `w${id}q.data`)), ref, String(v.size)])]);
+  }
+  const initial = v.setup ? v.setup(img) : new Uint8Array(v.size);
+  if (v.setup) v.setup(ref);
   writeFileSync(tmp.path(raw), initial);
   const model = initial.slice();
   const o = await openQcow2(tmp.path(img), { readOnly: false, options: { discard: 'unmap', ...(v.options ?? {}) } });
@@ -158,23 +165,40 @@ async function runWorkload(v: Variant, ops: Op[]): Promise<void> {
   } finally {
     await o.close();
   }
+  // The raw reference, QEMU's own qcow2 run, check, compare and both maps in one shell.
   const script = qemuIoScript(ops, v.clusterSize, v.size);
-  if (script.length > 0) run(QEMU_IO, ['-f', 'raw', ...script.flatMap((c) => ['-c', c]), raw], tmp.dir);
-  let check: string;
-  try {
-    check = qemuImg(tmp.dir, 'check', '-f', 'qcow2', img);
-  } catch (e) {
-    throw new Error(`qemu-img check failed after ${describeOps(ops)}:\n${String((e as { stdout?: string }).stdout ?? '')}${String((e as { stderr?: string }).stderr ?? e)}`);
-  }
-  expect(check, describeOps(ops)).toMatch(/No errors were found on the image/);
-  expect(qemuImg(tmp.dir, 'compare', '-f', 'qcow2', '-F', 'raw', img, raw).trim(), describeOps(ops)).toBe('Images are identical.');
-  // QEMU's own qcow2 result for the same workload must allocate the same way (data, zero flags, unallocated, depth).
-  const ref = `w${id}q.qcow2`;
-  qemuImg(tmp.dir, 'create', '-f', 'qcow2', ...v.create.map((a) => a.replace('DATA', `w${id}q.data`)), ref, String(v.size));
-  if (v.setup) v.setup(ref);
   const qscript = qemuIoQcow2Script(ops, v.clusterSize, v.size);
-  if (qscript.length > 0) run(QEMU_IO, ['-d', 'unmap', '-f', 'qcow2', ...qscript.flatMap((c) => ['-c', c]), ref], tmp.dir);
-  expect(guestMap(img), describeOps(ops)).toBe(guestMap(ref));
+  const cmds: string[] = [];
+  if (script.length) cmds.push(`${QEMU_IO} -f raw ${script.map((c) => `-c '${c}'`).join(' ')} ${raw} > /dev/null`);
+  // QEMU 7.2 itself can fail here: after the host cluster it packs compressed clusters into is freed and
+  // reused as an L2 table, its next compressed write hits that table (qcow2_alloc_bytes does not notice
+  // the refcount fell to 0) and the overlap check marks the image corrupt. Then only the map is skipped.
+  if (qscript.length) cmds.push(`${QEMU_IO} -d unmap -f qcow2 ${qscript.map((c) => `-c '${c}'`).join(' ')} ${ref} > /dev/null 2> ${ref}.err || true`);
+  cmds.push(`${QEMU_IMG} check -f qcow2 ${img} > ${img}.check 2>&1; echo $? > ${img}.rc`);
+  cmds.push(`${QEMU_IMG} compare -f qcow2 -F raw ${img} ${raw} > ${img}.cmp 2>&1 || true`);
+  cmds.push(`${QEMU_IMG} map -f qcow2 --output=json ${img} > ${img}.map`, `${QEMU_IMG} map -f qcow2 --output=json ${ref} > ${ref}.map 2>/dev/null || true`);
+  try {
+    sh(cmds);
+  } catch (e) {
+    throw new Error(`QEMU failed after ${JSON.stringify(ops)}: ${String((e as { stderr?: string }).stderr ?? e)}`);
+  }
+  const check = readFileSync(tmp.path(`${img}.check`), 'utf8');
+  expect(`${readFileSync(tmp.path(`${img}.rc`), 'utf8').trim()} ${check}`, describeOps(ops)).toMatch(/^0 No errors were found on the image/);
+  expect(readFileSync(tmp.path(`${img}.cmp`), 'utf8').trim(), describeOps(ops)).toBe('Images are identical.');
+  // QEMU's own qcow2 result for the same workload must allocate the same way (data, zero flags, unallocated, depth).
+  const refErr = qscript.length ? readFileSync(tmp.path(`${ref}.err`), 'utf8') : '';
+  if (refErr.includes('Preventing invalid write on metadata') && ops.some((o) => o.t === 'compress')) return;
+  expect(refErr, describeOps(ops)).toBe('');
+  expect(guestMap(readFileSync(tmp.path(`${img}.map`), 'utf8')), describeOps(ops)).toBe(guestMap(readFileSync(tmp.path(`${ref}.map`), 'utf8')));
+}
+
+/** Runs shell commands in the scratch directory, stopping at the first failure. */
+function sh(cmds: string[]): void {
+  run('sh', ['-c', `set -e\n${cmds.join('\n')}`], tmp.dir);
+}
+
+function qemuImgCmd(args: string[]): string {
+  return [QEMU_IMG, ...args].join(' ');
 }
 
 describe('random workloads against qemu-io on raw, checked by qemu-img', () => {
@@ -182,7 +206,7 @@ describe('random workloads against qemu-io on raw, checked by qemu-img', () => {
     it(v.name, async () => {
       const allocatedBefore = v.setup ? (c: number): boolean => c >= 0 : undefined;
       const arb = opsArb({ size: v.size, clusterSize: v.clusterSize, compress: v.compress ?? true, discard: v.discard ?? true, ...(allocatedBefore ? { allocatedBefore } : {}) });
-      await fc.assert(fc.asyncProperty(arb, (ops) => runWorkload(v, ops)), { numRuns: v.runs ?? 6, endOnFailure: true });
+      await fc.assert(fc.asyncProperty(arb, (ops) => runWorkload(v, ops)), { numRuns: v.runs ?? 4, endOnFailure: true });
     });
   }
 });
@@ -222,6 +246,64 @@ describe('write path details', () => {
     }
     const check = JSON.parse(qemuImg(tmp.dir, 'check', '--output=json', img)) as Record<string, number>;
     expect(check['compressed-clusters']).toBe(1);
+    expect(qemuImg(tmp.dir, 'check', img)).toMatch(/No errors were found/);
+  });
+
+  it('stores an incompressible cluster uncompressed (zlib and zstd)', async () => {
+    for (const type of ['zlib', 'zstd']) {
+      const img = `incomp-${counter++}.qcow2`;
+      qemuImg(tmp.dir, 'create', '-f', 'qcow2', '-o', `cluster_size=4k,compression_type=${type}`, img, '1M');
+      const noise = globalThis.crypto.getRandomValues(new Uint8Array(4096));
+      const o = await openQcow2(tmp.path(img), { readOnly: false });
+      try {
+        const { bdrvPwriteCompressed } = await import('../../core/io.ts');
+        await bdrvPwriteCompressed(o.child, 8192, noise);
+        await runOp(o.child, { t: 'compress', off: 0, pat: 9 }, 4096);
+      } finally {
+        await o.close();
+      }
+      const check = JSON.parse(qemuImg(tmp.dir, 'check', '--output=json', img)) as Record<string, number>;
+      expect([check['allocated-clusters'], check['compressed-clusters'] ?? 0], type).toEqual([2, 1]);
+      qemuImg(tmp.dir, 'convert', '-O', 'raw', img, `${img}.raw`);
+      const bytes = readFileSync(tmp.path(`${img}.raw`));
+      expect(Buffer.from(bytes.subarray(8192, 12288)).equals(Buffer.from(noise))).toBe(true);
+      expect(bytes[0]).toBe(9);
+    }
+  });
+
+  it('sets the dirty bit before the first write with lazy refcounts and clears it on close', async () => {
+    const img = `lazy-${counter++}.qcow2`;
+    qemuImg(tmp.dir, 'create', '-f', 'qcow2', '-o', 'lazy_refcounts=on', img, '1M');
+    const o = await openQcow2(tmp.path(img), { readOnly: false });
+    const incompat = (): bigint => readFileSync(tmp.path(img)).readBigUInt64BE(72);
+    try {
+      expect(incompat()).toBe(0n);
+      await runOp(o.child, { t: 'write', off: 0, len: 4096, pat: 1 }, 65536);
+      expect(incompat() & 1n).toBe(1n);
+      expect((await o.bs.drv.getInfo!(o.bs)).isDirty).toBe(true);
+    } finally {
+      await o.close();
+    }
+    expect(incompat()).toBe(0n);
+    expect(qemuImg(tmp.dir, 'check', img)).toMatch(/No errors were found/);
+  });
+
+  it('does not pack a compressed cluster into a freed and reused host cluster (QEMU 7.2 does and marks the image corrupt)', async () => {
+    const img = `packed-${counter++}.qcow2`;
+    qemuImg(tmp.dir, 'create', '-f', 'qcow2', '-o', 'cluster_size=4k', img, '4M');
+    const o = await openQcow2(tmp.path(img), { readOnly: false, options: { discard: 'unmap' } });
+    try {
+      // The same sequence makes qemu-io 7.2 fail with "Preventing invalid write on metadata (overlaps with active L2 table)".
+      for (const op of [
+        { t: 'compress', off: 0, pat: 1 },
+        { t: 'discard', off: 0, len: 4096 },
+        { t: 'write', off: 2 * M, len: 4096, pat: 2 },
+        { t: 'compress', off: 8192, pat: 3 },
+      ] as Op[]) await runOp(o.child, op, 4096);
+      expect((await bdrvPread(o.child, 8192, 1))[0]).toBe(3);
+    } finally {
+      await o.close();
+    }
     expect(qemuImg(tmp.dir, 'check', img)).toMatch(/No errors were found/);
   });
 });
