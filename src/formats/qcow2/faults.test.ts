@@ -37,6 +37,8 @@ const WORKLOAD: Array<Op | { t: 'truncate'; size: number } | { t: 'read'; off: n
   { t: 'flush' },
   { t: 'truncate', size: 6 * M },
   { t: 'write', off: 5 * M, len: 300 * K, pat: 10 },
+  // Past the backing file the copy-on-write parts read as zero: the space is zeroed instead of copied.
+  { t: 'write', off: 5 * M + 400 * K + 100, len: 100, pat: 11 },
   { t: 'flush' },
 ];
 
@@ -46,7 +48,7 @@ const EVENTS = [
   'l2_load', 'l2_update', 'l2_alloc_write', 'l2_update_compressed',
   'refblock_load', 'refblock_update', 'refblock_alloc', 'refblock_alloc_hookup', 'refblock_alloc_write',
   'refblock_alloc_write_blocks', 'refblock_alloc_write_table', 'refblock_alloc_switch_table', 'reftable_grow', 'reftable_update',
-  'cluster_alloc', 'cluster_alloc_bytes',
+  'cluster_alloc', 'cluster_alloc_bytes', 'cluster_alloc_space',
   'write_aio', 'write_compressed', 'read_aio', 'read_backing_aio', 'read_compressed', 'cow_read', 'cow_write',
   'flush_to_os', 'flush_to_disk',
 ];

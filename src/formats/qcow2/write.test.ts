@@ -306,4 +306,22 @@ describe('write path details', () => {
     }
     expect(qemuImg(tmp.dir, 'check', img)).toMatch(/No errors were found/);
   });
+
+  it('grows the refcount table past its first cluster with self-describing blocks', async () => {
+    const img = `grow-${counter++}.qcow2`;
+    // 512-byte clusters with 64-bit refcounts: one block counts 64 clusters and the first table 2 MiB of file.
+    qemuImg(tmp.dir, 'create', '-f', 'qcow2', '-o', 'cluster_size=512,refcount_bits=64', img, '8M');
+    const o = await openQcow2(tmp.path(img), { readOnly: false });
+    try {
+      await runOp(o.child, { t: 'write', off: 0, len: 6 * M, pat: 4 }, 512);
+      await runOp(o.child, { t: 'flush' }, 512);
+      const s = o.bs.opaque as import('./index.ts').Qcow2State;
+      expect(s.header.refcountTableClusters).toBeGreaterThan(1);
+    } finally {
+      await o.close();
+    }
+    expect(qemuImg(tmp.dir, 'check', img)).toMatch(/No errors were found/);
+    const info = JSON.parse(qemuImg(tmp.dir, 'check', '--output=json', img)) as Record<string, number>;
+    expect(info['allocated-clusters']).toBe(6 * M / 512);
+  });
 });
