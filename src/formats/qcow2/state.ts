@@ -171,8 +171,9 @@ export function setWords(b: Uint8Array, o: number, hi: number, lo: number): void
   b[o + 4] = lo >>> 24; b[o + 5] = (lo >>> 16) & 0xff; b[o + 6] = (lo >>> 8) & 0xff; b[o + 7] = lo & 0xff;
 }
 
-/** Entry flag bits in the high word. */
+/** COPIED flag in the high word: the cluster's refcount is exactly 1. */
 export const HI_COPIED = 0x80000000;
+/** COMPRESSED flag in the high word of an L2 entry. */
 export const HI_COMPRESSED = 0x40000000;
 /** Low-word bit of the v3 zero flag (standard L2 entries only). */
 export const LO_ZERO = 1;
