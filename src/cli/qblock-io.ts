@@ -78,9 +78,15 @@ class Session {
   }
 
   /** Runs `p` in the background like a QEMU AIO request; aio_flush and exit wait for it. */
-  track(p: Promise<void>): void {
+  /**
+   * Keeps an AIO request for aio_flush, then lets it run until it waits for
+   * I/O: QEMU enters the request's coroutine at once, so a blkdebug
+   * breakpoint suspends it before qemu-io reads the next command.
+   */
+  async track(p: Promise<void>): Promise<void> {
     const t = p.catch(() => undefined).finally(() => this.pending.delete(t));
     this.pending.add(t);
+    await new Promise<void>((resolve) => setImmediate(resolve));
   }
 
   async drainAio(): Promise<void> {
@@ -604,7 +610,7 @@ ${AIO_NOTE} -C, -- report statistics in a machine parsable format
     const buf = new Uint8Array(size).fill(0xab);
     const t0 = performance.now();
     const blk = s.blk!;
-    s.track(blk.pread(offset, buf).then(
+    await s.track(blk.pread(offset, buf).then(
       () => {
         const sec = since(t0);
         if (pflag && buf.some((b) => b !== pattern)) s.out(`Pattern verification failed at offset ${offset}, ${size} bytes\n`);
@@ -682,7 +688,7 @@ ${AIO_NOTE} -P, -- use different pattern to fill file
     if (zflag) {
       const count = num(s, rest[1]!);
       if (count === null) return -22;
-      s.track(blk.pwriteZeroes(offset, count, { flags }).then(done(count), failed));
+      await s.track(blk.pwriteZeroes(offset, count, { flags }).then(done(count), failed));
       return 0;
     }
     const lens = iovLengths(s, rest.slice(1));
@@ -691,7 +697,7 @@ ${AIO_NOTE} -P, -- use different pattern to fill file
       return -22;
     }
     const size = lens.reduce((a, b) => a + b, 0);
-    s.track(blk.pwrite(offset, new Uint8Array(size).fill(pattern), { flags }).then(done(size), failed));
+    await s.track(blk.pwrite(offset, new Uint8Array(size).fill(pattern), { flags }).then(done(size), failed));
     return 0;
   },
 };

@@ -6,6 +6,7 @@
  */
 import { BlockError, isBlockError, throwIfAborted } from './errors.ts';
 import type { BdrvChild } from './child.ts';
+import type { BlockDriverInfo } from './driver.ts';
 import type { BlockNode, TrackedRequest } from './node.ts';
 import { BDRV_MAX_LENGTH, BLOCK, OPEN, PERM, REQ, type BlockStatus, type PreallocMode } from './types.ts';
 import { isZeroBuffer } from './zero.ts';
@@ -170,6 +171,16 @@ async function alignedPreadv(bs: BlockNode, req: TrackedRequest | null, offset: 
     done += n;
   }
   if (toRead < bytes) buf.fill(0, toRead, bytes);
+}
+
+/** QEMU's bdrv_get_info: the driver's answer; a filter without one passes the question to its child; else ENOTSUP. */
+export async function bdrvGetInfo(bs: BlockNode): Promise<BlockDriverInfo> {
+  if (!bs.drv.getInfo) {
+    const f = bs.drv.kind === 'filter' ? bs.filteredChild?.bs ?? null : null;
+    if (f) return bdrvGetInfo(f);
+    throw new BlockError('ENOTSUP', undefined, { node: bs.nodeName });
+  }
+  return bs.drv.getInfo(bs);
 }
 
 /** Cluster size used to align copy-on-read (QEMU's bdrv_round_to_subclusters). */

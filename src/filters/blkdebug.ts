@@ -288,27 +288,29 @@ function optErrno(v: unknown): number {
 function eventOf(v: unknown): BlkdebugEvent {
   if (v === undefined) throw new BlockError('EINVAL', 'Missing event name for rule');
   const e = typeof v === 'string' ? blkdebugEventName(v) : undefined;
-  if (!e) throw new BlockError('EINVAL', `Invalid parameter '${String(v)}'`);
+  // QEMU's qapi_enum_parse wording, for rules given in options and in config files alike.
+  if (!e) throw new BlockError('EINVAL', `invalid parameter value: ${String(v)}`);
   return e;
 }
 
 const INJECT_KEYS: ReadonlySet<string> = new Set(['event', 'state', 'iotype', 'errno', 'sector', 'once', 'immediately']);
 const SET_STATE_KEYS: ReadonlySet<string> = new Set(['event', 'state', 'new_state']);
 
-function checkKeys(o: Record<string, unknown>, allowed: ReadonlySet<string>): void {
+function checkKeys(o: Record<string, unknown>, allowed: ReadonlySet<string>, section: string): void {
   for (const k of Object.keys(o)) {
-    if (!allowed.has(k)) throw new BlockError('EINVAL', `Parameter '${k}' is unexpected`);
+    // QEMU validates each rule as a QemuOpts group, in its words.
+    if (!allowed.has(k)) throw new BlockError('EINVAL', `[${section}] section doesn't support the option '${k}'`);
   }
 }
 
 function buildInjectRule(o: Record<string, unknown>): InjectRule {
-  checkKeys(o, INJECT_KEYS);
+  checkKeys(o, INJECT_KEYS, 'inject-error');
   const event = eventOf(o.event);
   let iotypeMask = DEFAULT_IOTYPE_MASK;
   if (o.iotype !== undefined) {
     const t = o.iotype;
     if (typeof t !== 'string' || !(BLKDEBUG_IO_TYPES as readonly string[]).includes(t)) {
-      throw new BlockError('EINVAL', `Invalid parameter '${String(t)}'`);
+      throw new BlockError('EINVAL', `invalid parameter value: ${String(t)}`);
     }
     iotypeMask = ioBit(t as BlkdebugIOType);
   }
@@ -326,7 +328,7 @@ function buildInjectRule(o: Record<string, unknown>): InjectRule {
 }
 
 function buildSetStateRule(o: Record<string, unknown>): SetStateRule {
-  checkKeys(o, SET_STATE_KEYS);
+  checkKeys(o, SET_STATE_KEYS, 'set-state');
   return {
     action: 'set-state',
     event: eventOf(o.event),
@@ -412,7 +414,8 @@ export function parseBlkdebugConfig(text: string, source = 'config'): BlkdebugCo
     if (!kv) fail(lno, 'parse error');
     if (!current) fail(lno, 'no group defined');
     const key = kv![1]!;
-    if (!current!.keys.has(key)) fail(lno, `Invalid parameter '${key}'`);
+    // QEMU's qemu_config_parse reports an unknown key without the file and line.
+    if (!current!.keys.has(key)) throw new BlockError('EINVAL', `Invalid parameter '${key}'`);
     current!.values[key] = kv![2]!;
   }
   return out;
@@ -538,7 +541,10 @@ export function blkdebugBreak(bs: BlockNode | BdrvChild, event: string, tag: str
 
 /**
  * Removes every breakpoint named `tag` and resumes every request suspended
- * under it (qemu-io `remove_break`). Throws ENOENT when there was neither.
+ * under it (qemu-io `remove_break`). Throws ENOENT when no breakpoint was
+ * removed, even after resuming requests: a breakpoint is spent once it
+ * suspends a request, and QEMU 7.2 answers "Could not remove breakpoint t:
+ * No such file or directory" after "blkdebug: Resuming request 't'".
  */
 export function blkdebugRemoveBreak(bs: BlockNode | BdrvChild, tag: string): void {
   const { s } = findBlkdebug(bs);
@@ -551,11 +557,8 @@ export function blkdebugRemoveBreak(bs: BlockNode | BdrvChild, tag: string): voi
       }
     }
   }
-  for (const r of s.suspended.filter((x) => x.tag === tag)) {
-    resumeOne(s, r);
-    found = true;
-  }
-  if (!found) throw new BlockError('ENOENT', `No breakpoint or suspended request with tag '${tag}'`);
+  for (const r of s.suspended.filter((x) => x.tag === tag)) resumeOne(s, r);
+  if (!found) throw new BlockError('ENOENT', `No breakpoint with tag '${tag}'`);
 }
 
 function resumeOne(s: BlkdebugState, r: SuspendedRequest): void {

@@ -224,6 +224,9 @@ describe('raw resize, info, create, measure', () => {
     const n = await openRaw({ file: { driver: 'null-co', size: 4096 } });
     expect(rawDriver.hasZeroInit!(n.bs)).toBe(false);
     expect(await code(rawDriver.getInfo!(n.bs))).toBe('ENOTSUP: Operation not supported');
+    // Through a filter without get_info (blkdebug) to the protocol below, as QEMU's bdrv_get_info does.
+    const f = await openRaw({ file: { driver: 'blkdebug', image: { driver: 'memory', size: 4096 } } });
+    expect(await rawDriver.getInfo!(f.bs)).toEqual({});
     expect(n.bs.supportedZeroFlags & REQ.MAY_UNMAP).toBe(0);
   });
 

@@ -12,7 +12,7 @@
 import { defaultChildPerms, type BdrvChild } from '../core/child.ts';
 import type { BlockDriver, BlockDriverInfo, CreateContext, MeasureInfo, ReopenState } from '../core/driver.ts';
 import { BlockError } from '../core/errors.ts';
-import { bdrvCopyRange, bdrvCopyRangeTo, bdrvDebugEvent, bdrvGetLength, bdrvPdiscard, bdrvPreadv, bdrvPwriteZeroes, bdrvPwritev, bdrvTruncate } from '../core/io.ts';
+import { bdrvCopyRange, bdrvCopyRangeTo, bdrvDebugEvent, bdrvGetInfo, bdrvGetLength, bdrvPdiscard, bdrvPreadv, bdrvPwriteZeroes, bdrvPwritev, bdrvTruncate } from '../core/io.ts';
 import type { BlockNode } from '../core/node.ts';
 import type { CreateOptions } from '../core/options.ts';
 import { BLOCK, PERM, REQ, ROLE, type BlockdevOptions, type BlockStatus } from '../core/types.ts';
@@ -203,9 +203,8 @@ export const rawDriver: BlockDriver = {
   },
 
   async getInfo(bs): Promise<BlockDriverInfo> {
-    const f = fileChild(bs).bs;
-    if (!f.drv.getInfo) throw new BlockError('ENOTSUP', undefined, { node: bs.nodeName });
-    return f.drv.getInfo(f);
+    // QEMU's raw_get_info calls bdrv_get_info on the file, which passes through filters (blkdebug…).
+    return bdrvGetInfo(fileChild(bs).bs);
   },
 
   hasZeroInit(bs) {

@@ -238,6 +238,22 @@ describe('file truncate and create', () => {
     expect((await fsp.stat(p)).size).toBe(2 << 20);
   });
 
+  it('create and truncate from empty allocate the first block, as file-posix does (qemu-img info: disk size 4 KiB)', async () => {
+    const p = join(dir, `c${seq++}.img`);
+    await fileDriver.create!(p, { size: '1M' }, noCtx);
+    const st = await fsp.stat(p);
+    expect(st.size).toBe(1 << 20);
+    expect(st.blocks * 512).toBeGreaterThanOrEqual(4096);
+    // From empty to less than 4 KiB, one 512-byte sector is written, which extends the file (qemu-io truncate 100 makes 512 bytes).
+    const q = await file(0);
+    const { root } = await openNode(q);
+    await bdrvTruncate(root, 100, true, 'off');
+    expect((await fsp.stat(q)).size).toBe(512);
+    // Growing a non-empty file allocates nothing.
+    await bdrvTruncate(root, 1 << 20, true, 'off');
+    expect((await fsp.stat(q)).blocks * 512).toBeLessThan(65536);
+  });
+
   it('create makes or clears a file of the size rounded to sectors, with preallocation', async () => {
     const p = join(dir, `c${seq++}.img`);
     await fileDriver.create!(p, { size: 1000 }, noCtx);

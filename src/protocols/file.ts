@@ -151,6 +151,23 @@ async function writeZeroes(fh: FileHandle, from: number, to: number): Promise<vo
 }
 
 /**
+ * file-posix's allocate_first_block: a file grown from empty without
+ * preallocation gets its first block written with zeroes (4096 bytes, or one
+ * 512-byte sector when it is smaller than that, which then extends it), so
+ * O_DIRECT alignment probing finds allocated data there. `qemu-img info`
+ * therefore shows "disk size: 4 KiB" for a fresh raw image. Failures are
+ * ignored, as QEMU ignores them.
+ */
+async function allocateFirstBlock(fh: FileHandle, size: number): Promise<void> {
+  const n = size < 4096 ? 512 : 4096;
+  try {
+    await fh.write(new Uint8Array(n), 0, n, 0);
+  } catch {
+    // Only an optimisation for alignment probing in QEMU; the truncate itself succeeded.
+  }
+}
+
+/**
  * file-posix's handle_aiocb_truncate for a regular file: resize to exactly
  * `offset`, filling new space per `prealloc`; on a failed preallocation the
  * old length is restored.
@@ -169,6 +186,7 @@ async function regularTruncate(fh: FileHandle, offset: number, prealloc: Preallo
     } catch (e) {
       throw fsError(e, 'Could not resize file');
     }
+    if (current === 0 && offset > 0) await allocateFirstBlock(fh, offset);
     return;
   }
   if (offset === current) return;

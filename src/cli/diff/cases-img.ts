@@ -6,10 +6,7 @@
  * facility QEMU's answer depends on (see the report in the commit message):
  * map/compare -s/convert allocation of *sparse* raw files (QEMU uses
  * SEEK_DATA/SEEK_HOLE; Node cannot, so raw files here are fully allocated
- * where allocation shows in the output), `info` "disk size" of images our
- * create made (QEMU's file create also allocates the first 4 KiB block),
- * and lengths that are not multiples of 512 (QEMU rounds them up to whole
- * sectors in the generic block layer).
+ * where allocation shows in the output).
  */
 import type { DiffCase } from './harness.ts';
 
@@ -23,6 +20,12 @@ const FULL = [
   "qemu-io -f raw -c 'write -P 0x11 0 64k' -c 'write -P 0x22 512k 4k' $D/a.raw",
   "qemu-io -f raw -c 'write -P 0x11 0 64k' -c 'write -P 0x23 512k 4k' $D/b.raw",
   "qemu-io -f raw -c 'write -P 0x11 0 64k' -c 'write -P 0x22 512k 4k' $D/big.raw",
+];
+/** A 1000-byte raw file (QEMU shows it as a 1 KiB disk: lengths are whole sectors) and an empty one. */
+const ODD = [
+  'qemu-img create -q -f raw -o preallocation=full $D/odd.raw 1M',
+  "qemu-io -f raw -c 'write -P 0x5a 0 1000' -c 'truncate 1000' $D/odd.raw",
+  'qemu-img create -q -f raw $D/empty.raw 0',
 ];
 /** qcow2 images: a plain one with data, and an overlay on a fully allocated raw base. */
 const QCOW = [
@@ -156,6 +159,21 @@ export const IMG_CASES: DiffCase[] = [
   img('create -q -f raw $D/new.raw 64k', [], { files: ['new.raw'] }),
   img('create -f raw $D/new.raw 0', [], { files: ['new.raw'] }),
   img('create -f raw $D/new.raw 0x10000', [], { files: ['new.raw'] }),
+  // file-posix writes the first block of a new file, so "disk size" is 4 KiB; sizes round up to sectors.
+  img('create -f raw $D/new.raw 1M', [], { files: ['new.raw'], after: ['qemu-img info -f raw $D/new.raw'] }),
+  img('create -f raw $D/new.raw 1000', [], { files: ['new.raw'], after: ['qemu-img info -f raw $D/new.raw'] }),
+  img('create -f raw $D/new.raw 2k', [], { after: ['qemu-img info -f raw $D/new.raw'] }),
+  // Lengths that are not multiples of 512 count as whole sectors.
+  img('info -f raw $D/odd.raw', ODD),
+  img('info --output=json -f raw $D/odd.raw', ODD),
+  img('map -f raw --output=json $D/odd.raw', ODD),
+  img('map -f raw $D/odd.raw', ODD),
+  img('compare -f raw -F raw $D/odd.raw $D/odd.raw', ODD),
+  img('convert -f raw -O raw $D/odd.raw $D/out.raw', ODD, { files: ['out.raw'] }),
+  img('measure -f raw -O raw $D/odd.raw', ODD),
+  img('resize -f raw $D/odd.raw +1000', ODD, { files: ['odd.raw'] }),
+  img('info -f raw $D/empty.raw', ODD),
+  img('resize -f raw $D/empty.raw 100', ODD, { files: ['empty.raw'] }),
   img('create -f raw -o size=2M $D/new.raw', [], { files: ['new.raw'] }),
   img('create -f raw -o size=1M,size=2M $D/new.raw', [], { files: ['new.raw'] }),
   img('create -f raw -o size=1k -o nocow=on $D/new.raw', [], { files: ['new.raw'] }),

@@ -20,6 +20,13 @@ function on(cmds: string[], extra: Partial<DiffCase> = {}): DiffCase {
   return io(`-f raw ${cmds.map((c) => `-c '${c}'`).join(' ')} $D/a.raw`, extra);
 }
 
+/** A 1000-byte raw file (a 1 KiB disk in QEMU: lengths are whole sectors) and an empty one. */
+const ODD = [
+  ...RAW,
+  "qemu-io -f raw -c 'write -P 0x5a 0 1M' -c 'truncate 1000' $D/a.raw",
+  'qemu-img create -q -f raw $D/empty.raw 0',
+];
+
 /** qcow2 images made by qemu-img, a plain one and an overlay on a raw base. */
 const QCOW = [
   'qemu-img create -q -f qcow2 $D/q.qcow2 1M',
@@ -360,6 +367,15 @@ export const IO_CASES: DiffCase[] = [
   io('-c "open -s -o driver=raw $D/a.raw" -c "write -q 0 4k" -c length'),
   io('-s -f raw -c "write -z 0 64k" -c "alloc 0 1M" -c "discard 0 64k" -c map $D/a.raw'),
 
+  // --- lengths that are not multiples of 512: whole sectors, the tail reading as zeroes
+  on(['length', 'read -v 992 32', 'map', 'alloc 0 1k', 'info'], { setup: ODD }),
+  on(['read 1000 24', 'read 1024 1', 'read 1023 2'], { setup: ODD }),
+  on(['write -P 1 1000 24', 'length', 'read -v 992 32'], { setup: ODD }),
+  on(['write -P 1 1020 10', 'length'], { setup: ODD }),
+  on(['truncate 1500', 'length', 'read -v 1400 112'], { setup: ODD }),
+  io('-f raw -c "truncate 100" -c length $D/empty.raw', { setup: ODD, files: ['empty.raw'] }),
+  io('-f raw -c "truncate 1M" -c length $D/empty.raw', { setup: ODD, files: ['empty.raw'], after: ['qemu-img info -f raw $D/empty.raw'] }),
+
   // --- breakpoints without blkdebug
   on(['break x y']),
   on(['break write_aio y']),
@@ -441,6 +457,21 @@ function BLKDEBUG_CASES(): DiffCase[] {
     bd('', ['resume nothing']),
     bd('', ['break pwritev_done C', 'aio_write 0 4k', 'wait_break C', 'resume C', 'aio_flush']),
     bd('', ['map', 'alloc 0 1M', 'length']),
+    // raw's info comes from below the filter (bdrv_get_info passes through blkdebug to the file).
+    bd('', ['info']),
+    bd(',file.align=4096', ['info', 'length']),
+    // a spent breakpoint: remove_break resumes the request it suspended, then fails with ENOENT
+    bd('', ['break write_aio t', 'aio_write 0 512', 'remove_break t', 'resume t', 'aio_flush']),
+    bd('', ['break write_aio t', 'aio_write 0 512', 'break write_aio t', 'remove_break t', 'aio_flush', 'remove_break t']),
+    bd('', ['break bogus t', 'remove_break t']),
+    io("-f raw -c 'break bogus t' $D/a.raw"),
+    // rules naming unknown events or types, or with unknown keys, fail in QEMU's words
+    io("--image-opts -c 'read 0 512' driver=blkdebug,image.filename=$D/a.raw,inject-error.0.event=bogus"),
+    io(`-c 'read 0 512' 'json:{"driver":"blkdebug","image":{"driver":"file","filename":"$D/a.raw"},"inject-error":[{"event":"bogus"}]}'`),
+    io(`-c 'read 0 512' 'json:{"driver":"blkdebug","image":{"driver":"file","filename":"$D/a.raw"},"inject-error":[{"event":"none","iotype":"sideways"}]}'`),
+    io(`-c 'read 0 512' 'json:{"driver":"blkdebug","image":{"driver":"file","filename":"$D/a.raw"},"inject-error":[{"event":"none","bogus":"x"}]}'`),
+    io(`-c 'read 0 512' 'json:{"driver":"blkdebug","image":{"driver":"file","filename":"$D/a.raw"},"set-state":[{"event":"nope","new_state":2}]}'`),
+    io(`-c 'read 0 512' 'json:{"driver":"blkdebug","image":{"driver":"file","filename":"$D/a.raw"},"inject-error":[{"errno":5}]}'`),
     io(`-c 'read -P 0 0 512' 'json:{"driver":"raw","file":{"driver":"blkdebug","image":{"driver":"file","filename":"$D/a.raw"}}}'`),
   ];
 }

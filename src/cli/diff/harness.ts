@@ -34,6 +34,12 @@ export interface DiffCase {
    * (qcow2 cluster placement).
    */
   images?: string[];
+  /**
+   * Steps run with the real tools in both directories after the run (same
+   * `$D` and quoting), their output compared: for what only QEMU's tools can
+   * observe, such as `qemu-img info` "disk size" of files the run made.
+   */
+  after?: string[];
   /** Further regular expressions to blank in both outputs, each with the reason it cannot match. */
   mask?: Array<{ re: RegExp; why: string }>;
 }
@@ -270,6 +276,14 @@ export async function runCase(c: ToolCase): Promise<{ qemu: RunResult; ours: Run
         return { stdout: io.out, stderr: io.err, status: status >= 128 && io.signals.length > 0 ? io.signals[io.signals.length - 1]! : signalOf(status) };
       })(),
     ]);
+    const afterQ: Record<string, string> = {};
+    const afterO: Record<string, string> = {};
+    for (const step of c.after ?? []) {
+      for (const [dir, out] of [[qdir, afterQ], [odir, afterO]] as const) {
+        const r = await runQemu(substitute(shellSplit(step), dir), dir, undefined);
+        out[`after: ${step}`] = maskOutput(`${r.stdout}${r.stderr}(exit ${r.status})`, dir, c.mask);
+      }
+    }
     const imageVerdicts = await compareImagesWithQemu(qdir, odir, c.images);
     const expectImages: Record<string, string> = {};
     for (const n of c.images ?? []) expectImages[n] = existsSync(join(qdir, n)) ? 'same content' : 'absent';
@@ -278,13 +292,13 @@ export async function runCase(c: ToolCase): Promise<{ qemu: RunResult; ours: Run
         stdout: maskOutput(renamePrograms(q.stdout), qdir, c.mask),
         stderr: maskOutput(renamePrograms(q.stderr), qdir, c.mask),
         status: q.status,
-        files: { ...readFiles(qdir, c.files), ...expectImages },
+        files: { ...readFiles(qdir, c.files), ...expectImages, ...afterQ },
       },
       ours: {
         stdout: maskOutput(o.stdout, odir, c.mask),
         stderr: maskOutput(o.stderr, odir, c.mask),
         status: o.status,
-        files: { ...readFiles(odir, c.files), ...imageVerdicts },
+        files: { ...readFiles(odir, c.files), ...imageVerdicts, ...afterO },
       },
     };
   } finally {

@@ -7,7 +7,7 @@
  */
 import type { BlockDriverInfo, ImageInfoSpecific, SnapshotInfo } from '../driver.ts';
 import { BlockError, isBlockError, toBlockError } from '../errors.ts';
-import { bdrvGetLength } from '../io.ts';
+import { bdrvGetInfo, bdrvGetLength } from '../io.ts';
 import type { BlockNode } from '../node.ts';
 import { pathCombine } from './gate.ts';
 
@@ -44,15 +44,8 @@ function filteredBs(bs: BlockNode): BlockNode | null {
   return bs.drv.kind === 'filter' ? bs.filteredChild?.bs ?? null : null;
 }
 
-/** QEMU's bdrv_get_info: the driver's answer, a filter's child's, or ENOTSUP. */
-export async function bdrvGetInfo(bs: BlockNode): Promise<BlockDriverInfo> {
-  if (!bs.drv.getInfo) {
-    const f = filteredBs(bs);
-    if (f) return bdrvGetInfo(f);
-    throw new BlockError('ENOTSUP', undefined, { node: bs.nodeName });
-  }
-  return bs.drv.getInfo(bs);
-}
+/** QEMU's bdrv_get_info; lives in core/io.ts so drivers (raw) can pass it through too. */
+export { bdrvGetInfo } from '../io.ts';
 
 /** QEMU's bdrv_get_specific_info: the driver's format-specific info, or undefined when it has none. */
 export async function bdrvGetSpecificInfo(bs: BlockNode): Promise<ImageInfoSpecific | undefined> {
