@@ -75,6 +75,9 @@ interface Ctx {
   refcountClusters: Set<number>;
   /** Length of the image file. */
   fileLength: number;
+  /** L2 tables checked once, and the recorded effects of those checked again (see checkL2Once). */
+  l2Seen: Set<string>;
+  l2Memo: Map<string, L2Effects>;
 }
 
 function newResult(): CheckResult {
@@ -131,6 +134,8 @@ async function readTable(c: Ctx, offset: number, len: number, what: string): Pro
 async function checkL2(c: Ctx, l2Offset: number, active: boolean, frag: { next: number }): Promise<void> {
   const s = c.s;
   const cs = s.clusterSize;
+  // A table past the end of the file reads as zeroes: it references nothing.
+  if (l2Offset >= c.fileLength) return;
   const table = await readTable(c, l2Offset, cs, 'check_refcounts_l2');
   if (!table) return;
   const eb = s.l2EntryBytes;
@@ -216,6 +221,71 @@ async function checkL2(c: Ctx, l2Offset: number, active: boolean, frag: { next: 
   }
 }
 
+/** What checking one L2 table did, so a table referenced again need not be read and parsed again. */
+interface L2Effects {
+  clusters: number[];
+  corruptions: number;
+  checkErrors: number;
+  allocated: number;
+  fragmented: number;
+  compressed: number;
+  logs: string[];
+}
+
+/** A reference table that only records which clusters were counted. */
+class RecordingRefs extends RefTable {
+  readonly seen: number[] = [];
+
+  constructor() {
+    super(1, 1);
+  }
+
+  override inc(i: number): boolean {
+    this.seen.push(i);
+    return true;
+  }
+}
+
+/** Most L2 tables whose effects are remembered (they only matter for tables referenced more than once). */
+const L2_MEMO_LIMIT = 64;
+
+/**
+ * checkL2, except that a table seen before (shared with a snapshot, or named
+ * by many entries of a corrupt L1) is replayed from what it did the first
+ * time it was recorded: a corrupt L1 cannot make the check read one table
+ * millions of times.
+ */
+async function checkL2Once(c: Ctx, l2: number, active: boolean, frag: { next: number }): Promise<void> {
+  const key = `${l2}:${active}`;
+  let fx = c.l2Memo.get(key);
+  if (!fx && c.l2Seen.has(key) && c.l2Memo.size < L2_MEMO_LIMIT) {
+    const rec = new RecordingRefs();
+    const logs: string[] = [];
+    const sub: Ctx = { ...c, res: newResult(), refs: rec, log: (m) => logs.push(m), fix: 0 };
+    await checkL2(sub, l2, active, { next: 0 });
+    fx = { clusters: rec.seen, corruptions: sub.res.corruptions, checkErrors: sub.res.checkErrors, allocated: sub.res.bfi.allocatedClusters, fragmented: sub.res.bfi.fragmentedClusters, compressed: sub.res.bfi.compressedClusters, logs };
+    c.l2Memo.set(key, fx);
+  }
+  if (!fx) {
+    c.l2Seen.add(key);
+    await checkL2(c, l2, active, frag);
+    return;
+  }
+  for (const m of fx.logs) c.log(m);
+  for (const k of fx.clusters) {
+    if (!c.refs.inc(k)) {
+      c.log(`ERROR: overflow cluster offset=0x${(k * c.s.clusterSize).toString(16)}`);
+      c.res.corruptions++;
+      c.rebuild = true;
+    }
+  }
+  c.res.corruptions += fx.corruptions;
+  c.res.checkErrors += fx.checkErrors;
+  c.res.bfi.allocatedClusters += fx.allocated;
+  c.res.bfi.fragmentedClusters += fx.fragmented;
+  c.res.bfi.compressedClusters += fx.compressed;
+}
+
 /** QEMU's check_refcounts_l1: the L1 table, its L2 tables and their clusters. */
 async function checkL1(c: Ctx, l1Offset: number, l1Size: number, active: boolean): Promise<void> {
   const cs = c.s.clusterSize;
@@ -237,7 +307,7 @@ async function checkL1(c: Ctx, l1Offset: number, l1Size: number, active: boolean
     incRefs(c, l2, cs);
     // The fragmentation count runs per L2 table, as in QEMU.
     frag.next = 0;
-    await checkL2(c, l2, active, frag);
+    await checkL2Once(c, l2, active, frag);
   }
 }
 
@@ -404,6 +474,7 @@ async function checkCopied(c: Ctx): Promise<void> {
   const fixing = (c.fix & CHECK_FIX.ERRORS) !== 0;
   const refcountOf = async (off: number): Promise<number> => storedRefcount(c, Math.floor(off / cs));
   let l1Changed = false;
+  const copiedSeen = new Set<number>();
   for (let i = 0; i < s.header.l1Size; i++) {
     const hi = hiWord(s.l1, 8 * i);
     const lo = loWord(s.l1, 8 * i);
@@ -421,6 +492,9 @@ async function checkCopied(c: Ctx): Promise<void> {
         c.res.corruptions++;
       }
     }
+    // Entries of a table are checked once, however many L1 entries name it; one past the file reads as zeroes.
+    if (l2 >= c.fileLength || copiedSeen.has(l2)) continue;
+    copiedSeen.add(l2);
     const table = await readTable(c, l2, cs, 'check_oflag_copied');
     if (!table) continue;
     let dirty = false;
@@ -568,7 +642,7 @@ export async function qcow2Check(bs: BlockNode, s: Qcow2State, fix: number): Pro
   const fileClusters = Math.ceil(fileLength / cs);
   res.bfi.totalClusters = Math.ceil(Math.floor(s.header.size / 512) * 512 / cs);
   // References past the file are kept sparsely, so a corrupt entry cannot make the table huge.
-  const c: Ctx = { bs, s, res, fix, refs: new RefTable(fileClusters, fileClusters + 1024), log, rebuild: false, refcountClusters: new Set(), fileLength };
+  const c: Ctx = { bs, s, res, fix, refs: new RefTable(fileClusters, fileClusters + 1024), log, rebuild: false, refcountClusters: new Set(), fileLength, l2Seen: new Set(), l2Memo: new Map() };
   await calculate(c);
   const before = { ...res, bfi: { ...res.bfi } };
   let highest = await compare(c, 0);
@@ -577,7 +651,7 @@ export async function qcow2Check(bs: BlockNode, s: Qcow2State, fix: number): Pro
     await rebuild(c);
     // Count again against the new structures (QEMU recalculates and fixes the old structures' leaks).
     const newLength = await bdrvGetLength(bs.file!.bs);
-    const again: Ctx = { bs, s, res: newResult(), fix: 0, refs: new RefTable(Math.ceil(newLength / cs), Math.ceil(newLength / cs) + 1024), log: () => undefined, rebuild: false, refcountClusters: new Set(), fileLength: newLength };
+    const again: Ctx = { bs, s, res: newResult(), fix: 0, refs: new RefTable(Math.ceil(newLength / cs), Math.ceil(newLength / cs) + 1024), log: () => undefined, rebuild: false, refcountClusters: new Set(), fileLength: newLength, l2Seen: new Set(), l2Memo: new Map() };
     await calculate(again);
     highest = await compare(again, CHECK_FIX.LEAKS);
     Object.assign(res, { ...before, corruptions: again.res.corruptions, leaks: again.res.leaks - again.res.leaksFixed, checkErrors: before.checkErrors + again.res.checkErrors });
