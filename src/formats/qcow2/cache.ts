@@ -20,6 +20,8 @@ export const MIN_REFCOUNT_CACHE_SIZE = 4;
 interface Entry {
   buf: Uint8Array;
   dirty: boolean;
+  /** Bumped by every markDirty, so a flush racing a change does not mark the changed entry clean. */
+  gen: number;
   /** Set on every hit; cleared by cleanUnused so untouched entries can be dropped. */
   used: boolean;
   /** Readers holding the entry; a referenced entry is never evicted. */
@@ -94,8 +96,10 @@ export class MetadataCache {
       this.misses++;
       const buf = allocateEntry(this.entrySize);
       await load(buf);
-      await this.makeRoom();
-      this.entries.set(offset, { buf, dirty: false, used: true, refs: 0 });
+      // With every entry dirty or pinned and nobody able to write them back now, the buffer is
+      // handed out without being cached: a read must not fail for want of cache room.
+      if (!(await this.makeRoom(true))) return buf;
+      this.entries.set(offset, { buf, dirty: false, used: true, refs: 0, gen: 0 });
       return buf;
     })();
     this.loading.set(offset, p);
@@ -123,9 +127,9 @@ export class MetadataCache {
   /** Inserts a buffer for `offset` (a freshly allocated table), replacing any cached one; marks it dirty when asked. */
   async put(offset: number, buf: Uint8Array, dirty: boolean): Promise<void> {
     if (buf.length !== this.entrySize) throw new BlockError('EINVAL', `${this.name} cache entry must be ${this.entrySize} bytes`);
-    if (!this.entries.has(offset)) await this.makeRoom();
+    if (!this.entries.has(offset)) await this.makeRoom(false);
     this.entries.delete(offset);
-    this.entries.set(offset, { buf, dirty, used: true, refs: 0 });
+    this.entries.set(offset, { buf, dirty, used: true, refs: 0, gen: 0 });
   }
 
   /** Pins an entry so eviction skips it (QEMU's qcow2_cache_get reference). */
@@ -156,6 +160,7 @@ export class MetadataCache {
     const e = this.entries.get(offset);
     if (!e) throw new BlockError('EIO', `${this.name} cache: marking an uncached entry dirty`);
     e.dirty = true;
+    e.gen++;
   }
 
   /** Offsets of dirty entries, oldest use first. */
@@ -171,8 +176,10 @@ export class MetadataCache {
     for (const off of dirty) {
       const e = this.entries.get(off);
       if (!e || !e.dirty) continue;
+      const gen = e.gen;
       await write(off, e.buf);
-      e.dirty = false;
+      // Changed while being written: it stays dirty for the next flush.
+      if (e.gen === gen) e.dirty = false;
     }
   }
 
@@ -210,8 +217,19 @@ export class MetadataCache {
     this.entries.set(offset, e);
   }
 
-  /** Evicts the oldest clean, unpinned entry when full. Dirty entries need the write path: refuse rather than lose them. */
-  private async makeRoom(): Promise<void> {
+  /** Whether a new entry would need a writeback first (every entry dirty or pinned). */
+  get fullOfUnevictable(): boolean {
+    if (this.entries.size < this.maxEntries) return false;
+    for (const e of this.entries.values()) if (!e.dirty && e.refs === 0) return false;
+    return true;
+  }
+
+  /**
+   * Evicts the oldest clean, unpinned entry when full. Dirty entries need the
+   * write path: with `soft` the answer is false when none could be freed,
+   * otherwise that is an error (dirty entries are never lost).
+   */
+  private async makeRoom(soft: boolean): Promise<boolean> {
     let flushed = false;
     while (this.entries.size >= this.maxEntries) {
       let victim: number | undefined;
@@ -229,10 +247,12 @@ export class MetadataCache {
           }
           continue;
         }
+        if (soft) return false;
         throw new BlockError('ENOSPC', `${this.name} cache is full of pinned or dirty entries`);
       }
       this.entries.delete(victim);
     }
+    return true;
   }
 }
 

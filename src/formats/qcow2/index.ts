@@ -350,7 +350,12 @@ async function qcow2Open(bs: BlockNode, options: Record<string, unknown>, flags:
 function installCacheHooks(s: Qcow2State): void {
   // Refcount blocks may always go to disk early: that leaks clusters at worst.
   s.refcountCache.onFull = () => flushRefblocks(s);
-  s.l2Cache.onFull = () => writeback(s);
+  // A writeback must hold the image lock. When someone holds it (possibly the very request that needs
+  // room, reading for copy-on-write), nothing is written here: the cache hands out an uncached buffer,
+  // and the lock holder makes room itself before it pins a slice (see writableSlice).
+  s.l2Cache.onFull = async () => {
+    if (!s.lock.locked) await s.lock.run(() => writeback(s));
+  };
 }
 
 /** Keeps the options that size caches or tune behaviour, so a reopen can merge new ones into them. */

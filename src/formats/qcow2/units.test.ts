@@ -149,7 +149,16 @@ describe('metadata cache', () => {
     const c = new MetadataCache('refcount', 1, 8);
     await c.get(0, async () => undefined);
     c.markDirty(0);
-    await expect(c.get(8, async () => undefined)).rejects.toThrow(/full/);
+    // A miss that finds no room is served without caching, and the dirty entry stays.
+    const transient = await c.get(8, async (b) => { b[0] = 5; });
+    expect(transient[0]).toBe(5);
+    expect(c.peek(8)).toBeUndefined();
+    expect(c.dirtyOffsets()).toEqual([0]);
+    await expect(c.put(8, new Uint8Array(8), false)).rejects.toThrow(/full/);
+    // A change during a flush keeps the entry dirty.
+    const during = c.flush(async () => { c.markDirty(0); });
+    await during;
+    expect(c.dirtyOffsets()).toEqual([0]);
     const written: number[] = [];
     await c.flush(async (off) => { written.push(off); });
     expect(written).toEqual([0]);

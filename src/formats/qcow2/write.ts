@@ -171,7 +171,10 @@ async function writableSlice(s: Qcow2State, gci: number): Promise<SliceRef> {
   // Every caller may change the slice: with lazy refcounts the dirty bit goes to disk first, so an
   // error there happens before any entry changes (an entry changed but not marked dirty could be lost).
   await markDirtyIfLazy(s);
-  for (;;) {
+  for (let attempt = 0; ; attempt++) {
+    if (attempt > 8) throw new BlockError('EIO', 'qcow2: no room in the L2 cache for a table being written', { node: s.bs.nodeName });
+    // We hold the lock, so the cache cannot write back for us: make room for the slice we pin.
+    if (s.l2Cache.fullOfUnevictable && !s.l2Cache.peek(offset)) await writeback(s);
     const slice = await s.mapping.loadL2Slice(offset, () => `L2 table offset ${hex(l2)} beyond the end of the image file (L1 index: ${hex(l1i)})`);
     // A concurrent load may have evicted it between the load and now; pin what is really cached.
     if (s.l2Cache.peek(offset) !== slice) continue;
