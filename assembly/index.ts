@@ -4,6 +4,7 @@
 
 export { alloc, free, blockSize, reservedBytes } from "./memory";
 export { isZero, firstNonZero, firstZeroBlock } from "./zero";
+export { firstDifference, firstEqualBlock } from "./compare";
 export { swap16, swap32, swap64, decodeBe64, encodeBe64, findBe64InRange } from "./byteorder";
 export { l2Scan, l2Runs } from "./l2";
 export { rcGet, rcSet, rcAdd, rcFindZero, rcFindNonZero, rcFindFreeRun, rcIncRange, rcCompare, rcCountNonZero } from "./refcount";

@@ -81,6 +81,15 @@ export async function kernelRows(wasm: Kernels, ref: Kernels, opts: KernelBenchO
   const blocksWasm = inWasm(wasm, blocks);
   await pair('firstZeroBlock, 255 data blocks then a zero one', 'MB/s', MiB, () => wasm.firstZeroBlock(blocksWasm, 4096), () => ref.firstZeroBlock(blocks, 4096));
 
+  // compare: two 1 MiB buffers that differ only in their last byte.
+  const cmpA = randomBytes(MiB, 11);
+  const cmpB = cmpA.slice();
+  cmpB[MiB - 1] ^= 1;
+  const cmpAW = inWasm(wasm, cmpA);
+  const cmpBW = inWasm(wasm, cmpB);
+  await pair('firstDifference, 1 MiB buffers differing at the end (compare)', 'MB/s', MiB, () => wasm.firstDifference(cmpAW, cmpBW), () => ref.firstDifference(cmpA, cmpB));
+  await pair('firstDifference, same buffers on the JS heap (copied in)', 'MB/s', MiB, () => wasm.firstDifference(cmpA, cmpB), () => ref.firstDifference(cmpA, cmpB));
+
   // L2 decoding.
   const g: L2Geometry = { clusterBits: 16, subclusterBits: 16, extended: false, hasDataFile: false };
   const gx: L2Geometry = { clusterBits: 16, subclusterBits: 11, extended: true, hasDataFile: false };

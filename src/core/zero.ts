@@ -3,7 +3,7 @@
  * is loaded (src/kernels) and a word-wise scan until then.
  */
 
-import { firstNonZeroRef, firstZeroBlockRef } from '../kernels/reference.ts';
+import { firstDifferenceRef, firstEqualBlockRef, firstNonZeroRef, firstZeroBlockRef } from '../kernels/reference.ts';
 
 /** A zero-check implementation: returns true when every byte is 0. */
 export type ZeroCheck = (buf: Uint8Array) => boolean;
@@ -36,15 +36,19 @@ export function setZeroCheck(fn: ZeroCheck): void {
   impl = fn;
 }
 
-/** Scans that find where data and zeroes start in one call, instead of one isZeroBuffer call per sector. */
+/** Scans that find where data and zeroes (or equal and different bytes) start in one call, instead of one call per sector. */
 export interface ZeroScan {
   /** Offset of the first non-zero byte of `buf`, or -1. */
   firstNonZero(buf: Uint8Array): number;
   /** Offset of the first all-zero `unit`-byte block of `buf` (blocks at multiples of unit; the last may be short), or -1. */
   firstZeroBlock(buf: Uint8Array, unit: number): number;
+  /** Offset of the first byte where `a` and `b` differ over their common length, or -1. */
+  firstDifference(a: Uint8Array, b: Uint8Array): number;
+  /** Offset of the first `unit`-byte block where `a` and `b` are equal, or -1. */
+  firstEqualBlock(a: Uint8Array, b: Uint8Array, unit: number): number;
 }
 
-let scan: ZeroScan = { firstNonZero: firstNonZeroRef, firstZeroBlock: firstZeroBlockRef };
+let scan: ZeroScan = { firstNonZero: firstNonZeroRef, firstZeroBlock: firstZeroBlockRef, firstDifference: firstDifferenceRef, firstEqualBlock: firstEqualBlockRef };
 
 /** Offset of the first non-zero byte of `buf`, or -1 when it is all zero (convert -S, compare, map). */
 export function firstNonZeroByte(buf: Uint8Array): number {
@@ -54,6 +58,16 @@ export function firstNonZeroByte(buf: Uint8Array): number {
 /** Offset of the first all-zero `unit`-byte block of `buf`, or -1 when every block holds data (convert -S). */
 export function firstZeroBlock(buf: Uint8Array, unit: number): number {
   return scan.firstZeroBlock(buf, unit);
+}
+
+/** Offset of the first byte where `a` and `b` differ, or -1 when they are equal (compare). */
+export function firstDifferentByte(a: Uint8Array, b: Uint8Array): number {
+  return scan.firstDifference(a, b);
+}
+
+/** Offset of the first `unit`-byte block where `a` and `b` are equal, or -1 when every block differs (compare's differing runs). */
+export function firstEqualBlock(a: Uint8Array, b: Uint8Array, unit: number): number {
+  return scan.firstEqualBlock(a, b, unit);
 }
 
 /** Installs faster scans (the wasm kernels); the kernels module calls this on load. */

@@ -1,6 +1,6 @@
 import { beforeAll, describe, expect, it } from 'vitest';
 import fc from 'fast-check';
-import { byteOrderRef, firstZeroBlockRef, instantiateKernels, type Kernels } from './index.ts';
+import { byteOrderRef, firstDifferenceRef, firstEqualBlockRef, firstZeroBlockRef, instantiateKernels, type Kernels } from './index.ts';
 
 /** `src` copied into wasm memory, so the kernel works in place. */
 function inWasm(k: Kernels, src: Uint8Array, slot: string): Uint8Array {
@@ -106,6 +106,36 @@ describe('zero-block kernel', () => {
         const want = firstZeroBlockRef(buf, unit);
         expect(k.firstZeroBlock(buf, unit)).toBe(want);
         expect(k.firstZeroBlock(inWasm(k, buf, 'zb-test'), unit)).toBe(want);
+      }),
+      { numRuns: 400 },
+    );
+  });
+});
+
+describe('compare kernels', () => {
+  let k: Kernels;
+  beforeAll(async () => {
+    k = await instantiateKernels();
+  });
+
+  it('find the first differing byte and the first equal block like the reference, in place and copied', () => {
+    fc.assert(
+      fc.property(fc.integer({ min: 0, max: 9000 }), fc.integer({ min: 0, max: 200 }), fc.constantFrom(1, 7, 512, 4096), fc.array(fc.nat(), { maxLength: 12 }), fc.nat(15), (len, extra, unit, marks, shift) => {
+        const a = new Uint8Array(len + 16).subarray(shift, shift + len);
+        for (let i = 0; i < len; i++) a[i] = (i * 31) & 0xff;
+        // b is longer than a sometimes: only the common length counts.
+        const b = new Uint8Array(len + extra);
+        b.set(a);
+        for (const m of marks) if (len > 0) b[m % len] = (b[m % len]! + 1) & 0xff;
+        const d = firstDifferenceRef(a, b);
+        const e = firstEqualBlockRef(a, b, unit);
+        expect(k.firstDifference(a, b)).toBe(d);
+        expect(k.firstEqualBlock(a, b, unit)).toBe(e);
+        const wa = inWasm(k, a, 'cmp-test-a');
+        const wb = inWasm(k, b, 'cmp-test-b');
+        expect(k.firstDifference(wa, wb)).toBe(d);
+        expect(k.firstEqualBlock(wa, wb, unit)).toBe(e);
+        expect(k.firstDifference(wa, b)).toBe(d);
       }),
       { numRuns: 400 },
     );

@@ -14,11 +14,11 @@ import { wasmBitmapOps, wasmByteOrderOps, wasmL2Ops, wasmRefcountOps, wasmZeroOp
 import { LinearBufferPool } from './pool.ts';
 import { bitmapRef } from './reference-bitmap.ts';
 import { l2Ref, refcountRef } from './reference-qcow2.ts';
-import { byteOrderRef, firstNonZeroRef, firstZeroBlockRef, isZeroRef } from './reference.ts';
+import { byteOrderRef, firstDifferenceRef, firstEqualBlockRef, firstNonZeroRef, firstZeroBlockRef, isZeroRef } from './reference.ts';
 import type { BitmapOps, ByteOrderOps, L2Ops, RefcountOps, ZeroOps } from './types.ts';
 import { WasmHost } from './wasm.ts';
 
-export { firstNonZeroRef, firstZeroBlockRef, isZeroRef, byteOrderRef } from './reference.ts';
+export { firstDifferenceRef, firstEqualBlockRef, firstNonZeroRef, firstZeroBlockRef, isZeroRef, byteOrderRef } from './reference.ts';
 export { l2Ref, refcountRef } from './reference-qcow2.ts';
 export { bitmapRef } from './reference-bitmap.ts';
 export { COPY_CHUNK } from './ops-wasm.ts';
@@ -99,6 +99,8 @@ export const referenceKernels: Kernels = {
   isZero: isZeroRef,
   firstNonZero: firstNonZeroRef,
   firstZeroBlock: firstZeroBlockRef,
+  firstDifference: firstDifferenceRef,
+  firstEqualBlock: firstEqualBlockRef,
   l2: l2Ref,
   refcount: refcountRef,
   bitmap: bitmapRef,
@@ -115,6 +117,8 @@ export function wasmKernels(host: WasmHost): Kernels {
     isZero: zero.isZero,
     firstNonZero: zero.firstNonZero,
     firstZeroBlock: zero.firstZeroBlock,
+    firstDifference: zero.firstDifference,
+    firstEqualBlock: zero.firstEqualBlock,
     l2: wasmL2Ops(host),
     refcount: wasmRefcountOps(host),
     bitmap: wasmBitmapOps(host),
@@ -136,7 +140,7 @@ export async function instantiateKernels(shared?: boolean): Promise<Kernels> {
  */
 export function installKernels(k: Kernels): void {
   setZeroCheck(k.isZero);
-  setZeroScan({ firstNonZero: k.firstNonZero, firstZeroBlock: k.firstZeroBlock });
+  setZeroScan({ firstNonZero: k.firstNonZero, firstZeroBlock: k.firstZeroBlock, firstDifference: k.firstDifference, firstEqualBlock: k.firstEqualBlock });
   setBitmapKernel(k.bitmap);
   setQcow2Kernels(k.wasm ? { l2: k.l2, refcount: k.refcount } : jsQcow2Kernels);
   const pool = k.pool;

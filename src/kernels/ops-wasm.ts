@@ -8,7 +8,7 @@
 import { BlockError } from '../core/errors.ts';
 import { SC, type L2Geometry, type L2Scan, type SubclusterType } from '../formats/qcow2/cluster.ts';
 import { checkOrder, refcountRef } from './reference-qcow2.ts';
-import { firstNonZeroRef, isZeroRef } from './reference.ts';
+import { firstDifferenceRef, firstNonZeroRef, isZeroRef } from './reference.ts';
 import { newL2Run, type BitmapOps, type BitmapStore, type ByteOrderOps, type L2Ops, type L2Run, type RefcountOps, type ZeroOps } from './types.ts';
 import type { WasmHost } from './wasm.ts';
 
@@ -85,6 +85,32 @@ export function wasmZeroOps(host: WasmHost): ZeroOps {
         return true;
       });
       return found;
+    },
+    firstDifference(a, b) {
+      const n = Math.min(a.length, b.length);
+      if (n < SMALL_COPY) return firstDifferenceRef(a, b);
+      for (let off = 0; off < n; off += COPY_CHUNK) {
+        const len = Math.min(COPY_CHUNK, n - off);
+        const pa = host.contains(a) ? a.byteOffset + off : host.copyIn('cmp-a', a.subarray(off, off + len));
+        const pb = host.contains(b) ? b.byteOffset + off : host.copyIn('cmp-b', b.subarray(off, off + len));
+        const r = ex.firstDifference(pa, pb, len);
+        if (r >= 0) return off + r;
+      }
+      return -1;
+    },
+    firstEqualBlock(a, b, unit) {
+      if (!(unit > 0)) return -1;
+      const n = Math.min(a.length, b.length);
+      // Whole units per piece so block boundaries stay at multiples of unit.
+      const step = unit >= COPY_CHUNK ? unit : Math.floor(COPY_CHUNK / unit) * unit;
+      for (let off = 0; off < n; off += step) {
+        const len = Math.min(step, n - off);
+        const pa = host.contains(a) ? a.byteOffset + off : host.copyIn('cmp-a', a.subarray(off, off + len));
+        const pb = host.contains(b) ? b.byteOffset + off : host.copyIn('cmp-b', b.subarray(off, off + len));
+        const r = ex.firstEqualBlock(pa, pb, len, unit);
+        if (r >= 0) return off + r;
+      }
+      return -1;
     },
     firstZeroBlock(buf, unit) {
       if (!(unit > 0)) return -1;

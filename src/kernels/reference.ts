@@ -81,6 +81,23 @@ export function firstZeroBlockRef(buf: Uint8Array, unit: number): number {
   return -1;
 }
 
+/** Offset of the first byte where `a` and `b` differ over their common length, or -1 when they are equal there. */
+export function firstDifferenceRef(a: Uint8Array, b: Uint8Array): number {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i++) if (a[i] !== b[i]) return i;
+  return -1;
+}
+
+/** Offset of the first `unit`-byte block (over the common length; the last may be short) where `a` and `b` are equal, or -1 (also for unit 0). */
+export function firstEqualBlockRef(a: Uint8Array, b: Uint8Array, unit: number): number {
+  if (unit <= 0) return -1;
+  const n = Math.min(a.length, b.length);
+  for (let off = 0; off < n; off += unit) {
+    if (firstDifferenceRef(a.subarray(off, Math.min(off + unit, n)), b.subarray(off, Math.min(off + unit, n))) < 0) return off;
+  }
+  return -1;
+}
+
 /** Reverses each `width`-byte group of `buf` in place (whole groups only). */
 function swapGroups(buf: Uint8Array, width: number): void {
   const end = buf.length - (buf.length % width);

@@ -143,4 +143,8 @@ export interface ZeroOps {
   firstNonZero(buf: Uint8Array): number;
   /** Offset of the first all-zero `unit`-byte block of `buf` (blocks at multiples of unit; the last may be short), or -1. */
   firstZeroBlock(buf: Uint8Array, unit: number): number;
+  /** Offset of the first byte where `a` and `b` differ over their common length, or -1 when equal. */
+  firstDifference(a: Uint8Array, b: Uint8Array): number;
+  /** Offset of the first `unit`-byte block (over the common length; the last may be short) where `a` and `b` are equal, or -1. */
+  firstEqualBlock(a: Uint8Array, b: Uint8Array, unit: number): number;
 }

@@ -21,6 +21,8 @@ export interface QblockExports {
   isZero(ptr: number, len: number): number;
   firstNonZero(ptr: number, len: number): number;
   firstZeroBlock(ptr: number, len: number, unit: number): number;
+  firstDifference(a: number, b: number, len: number): number;
+  firstEqualBlock(a: number, b: number, len: number, unit: number): number;
   swap16(ptr: number, count: number): void;
   swap32(ptr: number, count: number): void;
   swap64(ptr: number, count: number): void;
