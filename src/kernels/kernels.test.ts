@@ -150,3 +150,46 @@ describe('kernels', () => {
     expect(k.firstNonZero(view)).toBe(42);
   });
 });
+
+describe('kernels over an ordinary (non-shared) memory', () => {
+  // What a page without cross-origin isolation gets: views detach when memory
+  // grows, so nothing may keep one; results must not change.
+  it('give the reference results across memory growth', async () => {
+    const { instantiateKernels, referenceKernels } = await import('./index.ts');
+    const k = await instantiateKernels(false);
+    expect(k.host!.shared).toBe(false);
+    expect(k.pool).toBeNull();
+    const ref = referenceKernels;
+    const bm = k.bitmap.create(1 << 20);
+    const rbm = ref.bitmap.create(1 << 20);
+    k.bitmap.set(bm, 1000, 5000);
+    ref.bitmap.set(rbm, 1000, 5000);
+    // Force growth several times: a 40 MiB buffer is copied in chunk by chunk, then large bitmaps are allocated.
+    const big = new Uint8Array(40 << 20);
+    big[big.length - 1] = 1;
+    expect(k.firstNonZero(big)).toBe(big.length - 1);
+    const huge = k.bitmap.create(1 << 28);
+    k.bitmap.set(huge, (1 << 28) - 5, 3);
+    expect(k.bitmap.nextDirty(huge, 0, 1 << 28)).toBe((1 << 28) - 5);
+    k.bitmap.dispose(huge);
+    // Results written through the results area after growth.
+    expect(k.bitmap.nextDirty(bm, 0, 1 << 20)).toBe(ref.bitmap.nextDirty(rbm, 0, 1 << 20));
+    expect(k.bitmap.count(bm, 0, 1 << 20)).toBe(5000);
+    const runs = new Float64Array(8);
+    expect(k.bitmap.dirtyRuns(bm, 0, 1 << 20, runs)).toBe(1);
+    expect(Array.from(runs.subarray(0, 2))).toEqual([1000, 5000]);
+    const slice = new Uint8Array(64);
+    new DataView(slice.buffer).setUint32(4, 0x10000);
+    new DataView(slice.buffer).setUint32(12, 0x20000);
+    const g = { clusterBits: 16, subclusterBits: 16, extended: false, hasDataFile: false };
+    const a = { type: 0, count: 0, invalidIndex: -1, hostCluster: 0, entryHi: 0, entryLo: 0 } as Parameters<typeof ref.l2.scan>[5];
+    const b = { ...a };
+    k.l2.scan(slice, 0, 0, 8, g, a);
+    ref.l2.scan(slice, 0, 0, 8, g, b);
+    expect(a).toEqual(b);
+    const block = new Uint8Array(4096).fill(1);
+    block.fill(0, 3000);
+    expect(k.refcount.findZero(block, 0, 2048, 4)).toBe(ref.refcount.findZero(block, 0, 2048, 4));
+    k.bitmap.dispose(bm);
+  });
+});
