@@ -6,8 +6,19 @@
  */
 import type { SnapshotInfo } from '../driver.ts';
 import { BlockError, STRERROR, toBlockError } from '../errors.ts';
+import { bdrvDrainedBegin, bdrvDrainedEnd } from '../io.ts';
 import type { BlockNode } from '../node.ts';
 import { bdrvSnapshotList } from './info.ts';
+
+/** Runs a snapshot operation with `bs` drained, as QEMU's bdrv_snapshot_* do: no request may see the tables change under it. */
+async function drained<T>(bs: BlockNode, fn: () => Promise<T>): Promise<T> {
+  await bdrvDrainedBegin(bs);
+  try {
+    return await fn();
+  } finally {
+    bdrvDrainedEnd(bs);
+  }
+}
 
 /** The node snapshot operations fall back to (QEMU's bdrv_snapshot_fallback_child: the primary, filtered child). */
 function fallback(bs: BlockNode): BlockNode | null {
@@ -43,7 +54,9 @@ export async function createSnapshot(bs: BlockNode, name: string, now: Date = ne
   for (let n: BlockNode | null = bs; n; n = fallback(n)) {
     if (n.drv.snapshotCreate) {
       try {
-        await n.drv.snapshotCreate(n, sn);
+        const drv = n.drv;
+        const node = n;
+        await drained(node, () => drv.snapshotCreate!(node, sn));
         return;
       } catch (e) {
         const code = toBlockError(e).code;
@@ -60,10 +73,14 @@ export async function applySnapshot(bs: BlockNode, name: string): Promise<void> 
   for (let n: BlockNode | null = bs; n; n = fallback(n)) {
     if (n.drv.snapshotGoto) {
       try {
-        await n.drv.snapshotGoto(n, name);
+        const drv = n.drv;
+        const node = n;
+        await drained(node, () => drv.snapshotGoto!(node, name));
         return;
       } catch (e) {
-        throw new BlockError(toBlockError(e).code, `Could not apply snapshot '${name}': ${toBlockError(e).message}`);
+        // bdrv_snapshot_goto reports every driver failure as "Failed to load snapshot" with the errno text.
+        const code = toBlockError(e).code;
+        throw new BlockError(code, `Could not apply snapshot '${name}': Failed to load snapshot: ${STRERROR[code]}`);
       }
     }
   }
@@ -79,7 +96,9 @@ export async function deleteSnapshot(bs: BlockNode, name: string): Promise<void>
   for (let n: BlockNode | null = bs; n; n = fallback(n)) {
     if (n.drv.snapshotDelete) {
       try {
-        await n.drv.snapshotDelete(n, sn.id, sn.name);
+        const drv = n.drv;
+        const node = n;
+        await drained(node, () => drv.snapshotDelete!(node, sn.id, sn.name));
         return;
       } catch (e) {
         throw new BlockError(toBlockError(e).code, `Could not delete snapshot '${name}': ${toBlockError(e).message}`);

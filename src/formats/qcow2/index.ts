@@ -44,6 +44,7 @@ import { barrier, flushRefblocks, markClean, writeback, writeHeaderRaw } from '.
 import { qcow2Check } from './check.ts';
 import { qcow2Preadv } from './read.ts';
 import { corruption, Mutex, OL_TEMPLATES, state, type Qcow2State } from './state.ts';
+import { qcow2LoadVmstate, qcow2SaveVmstate, qcow2SnapshotCreate, qcow2SnapshotDelete, qcow2SnapshotGoto } from './snapshot-write.ts';
 import { qcow2Pdiscard, qcow2Pwritev, qcow2PwritevCompressed, qcow2PwriteZeroes, qcow2Truncate } from './write.ts';
 
 export type { Qcow2State } from './state.ts';
@@ -643,8 +644,17 @@ export const qcow2Driver: BlockDriver = {
     return specificInfo(bs);
   },
 
+  snapshotCreate: qcow2SnapshotCreate,
+  snapshotGoto: qcow2SnapshotGoto,
+  snapshotDelete: qcow2SnapshotDelete,
+  saveVmstate: qcow2SaveVmstate,
+  loadVmstate: qcow2LoadVmstate,
+
   async snapshotList(bs): Promise<SnapshotInfo[]> {
-    return state(bs).snapshots.map((sn) => {
+    const s = state(bs);
+    // QEMU keeps no internal snapshots of images with an external data file, and lists none.
+    if (s.hasDataFile) throw new BlockError('ENOTSUP', undefined, { node: bs.nodeName });
+    return s.snapshots.map((sn) => {
       const info: SnapshotInfo = { id: sn.id, name: sn.name, vmStateSize: sn.vmStateSize, dateSec: sn.dateSec, dateNsec: sn.dateNsec, vmClockNsec: sn.vmClockNsec };
       if (sn.icount !== undefined) info.icount = sn.icount;
       return info;

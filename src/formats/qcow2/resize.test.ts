@@ -60,14 +60,14 @@ describe('resize', () => {
     });
   }
 
-  it('refuses unaligned sizes, images with snapshots, and preallocated shrinking with QEMU messages', async () => {
+  it('refuses unaligned sizes, v2 images with snapshots, and preallocated shrinking with QEMU messages', async () => {
     const img = `r${n++}.qcow2`;
-    qemuImg(tmp.dir, 'create', '-f', 'qcow2', img, '1M');
+    qemuImg(tmp.dir, 'create', '-f', 'qcow2', '-o', 'compat=0.10', img, '1M');
     qemuImg(tmp.dir, 'snapshot', '-c', 's', img);
     const o = await openQcow2(tmp.path(img), { readOnly: false });
     try {
       await expect(bdrvTruncate(o.child, 1000, false)).rejects.toThrow('The new size must be a multiple of 512');
-      await expect(bdrvTruncate(o.child, 2 * M, false)).rejects.toThrow("Can't resize an image which has snapshots");
+      await expect(bdrvTruncate(o.child, 2 * M, false)).rejects.toThrow("Can't resize a v2 image which has snapshots");
     } finally {
       await o.close();
     }

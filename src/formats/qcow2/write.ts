@@ -158,7 +158,8 @@ async function l2Allocate(s: Qcow2State, l1i: number, oldOffset: number): Promis
  */
 async function writableSlice(s: Qcow2State, gci: number): Promise<SliceRef> {
   const l1i = Math.floor(gci / s.l2Entries);
-  if (l1i >= s.mapping.l1Size) throw new BlockError('EIO', `qcow2: guest cluster ${hex(gci)} is beyond the L1 table`, { node: s.bs.nodeName });
+  // Writes past the disk (the VM state area) grow the table as QEMU's get_cluster_table does.
+  if (l1i >= s.mapping.l1Size) await growL1(s, l1i + 1, false);
   const [hi, lo] = l1Words(s, l1i);
   let l2 = entryOffset(hi, lo);
   if (l2 < 0 || l2 % s.clusterSize !== 0) {
@@ -726,7 +727,8 @@ export async function qcow2Truncate(bs: BlockNode, offset: number, exact: boolea
   const s = state(bs);
   checkUsable(s);
   if (offset % 512 !== 0) throw new BlockError('EINVAL', 'The new size must be a multiple of 512', { node: bs.nodeName });
-  if (s.snapshots.length > 0) throw new BlockError('ENOTSUP', "Can't resize an image which has snapshots", { node: bs.nodeName });
+  // QEMU 7.2 resizes v3 images with snapshots (each snapshot keeps its own disk size); v2 has no room to record that.
+  if (s.snapshots.length > 0 && s.header.version < 3) throw new BlockError('ENOTSUP', "Can't resize a v2 image which has snapshots", { node: bs.nodeName });
   const old = s.header.size;
   const cs = s.clusterSize;
   const newL1 = Math.ceil(offset / (cs * s.l2Entries));
