@@ -3,8 +3,11 @@
  * must produce the same stdout, stderr, exit status and files.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { IMG_CASES } from './cases-img.ts';
+import { IMG_CASES as BASE_CASES } from './cases-img.ts';
+import { IMG_SNAPSHOT_CASES } from './cases-img-snapshot.ts';
 import { cleanupTemplates, renderResult, requireQemuTools, schedule } from './harness.ts';
+
+const IMG_CASES = [...BASE_CASES, ...IMG_SNAPSHOT_CASES];
 
 describe('qblock-img vs qemu-img', () => {
   let results: ReturnType<typeof schedule> = [];

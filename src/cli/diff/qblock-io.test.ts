@@ -3,8 +3,11 @@
  * must produce the same stdout, stderr, exit status and files.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { IO_CASES } from './cases-io.ts';
+import { IO_CASES as BASE_CASES } from './cases-io.ts';
+import { IO_VMSTATE_CASES } from './cases-io-vmstate.ts';
 import { cleanupTemplates, renderResult, requireQemuTools, schedule } from './harness.ts';
+
+const IO_CASES = [...BASE_CASES, ...IO_VMSTATE_CASES];
 
 describe('qblock-io vs qemu-io', () => {
   let results: ReturnType<typeof schedule> = [];

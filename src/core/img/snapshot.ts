@@ -88,10 +88,11 @@ export async function applySnapshot(bs: BlockNode, name: string): Promise<void> 
   throw new BlockError('ENOTSUP', `Could not apply snapshot '${name}': ${why ? `Operation not supported (${why})` : 'Block driver does not support snapshots'}`);
 }
 
-/** QEMU's bdrv_snapshot_find then bdrv_snapshot_delete, with qemu-img's messages. */
+/** qemu-img's delete: QEMU's bdrv_snapshot_find (by name) then bdrv_snapshot_delete, with qemu-img's messages. */
 export async function deleteSnapshot(bs: BlockNode, name: string): Promise<void> {
   const list = await listSnapshots(bs);
-  const sn = list.find((s) => s.id === name) ?? list.find((s) => s.name === name);
+  // qemu-img looks the snapshot up by name only (bdrv_snapshot_find), then deletes by that id and name.
+  const sn = list.find((s) => s.name === name);
   if (!sn) throw new BlockError('ENOENT', `Could not delete snapshot '${name}': snapshot not found`);
   for (let n: BlockNode | null = bs; n; n = fallback(n)) {
     if (n.drv.snapshotDelete) {

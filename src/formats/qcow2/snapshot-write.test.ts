@@ -369,18 +369,19 @@ describe('random writes and snapshot operations against a model', () => {
             const sn = st.snap;
             log.push(JSON.stringify(sn));
             if (sn.t === 'create') {
-              await createSnapshot(o.bs, sn.name);
-              snaps.push({ name: sn.name, data: model.slice() });
+              // Unique names: qemu-img deletes by name, and the first of equal names would win.
+              const name = `${sn.name}${log.length}`;
+              await createSnapshot(o.bs, name);
+              snaps.push({ name, data: model.slice() });
             } else if (snaps.length > 0) {
               const i = sn.pick % snaps.length;
               const target = snaps[i]!;
-              // By name the first of equal names wins (QEMU's lookup), so address snapshots by id.
-              const id = (await listSnapshots(o.bs))[i]!.id;
               if (sn.t === 'apply') {
-                await applySnapshot(o.bs, id);
+                // Apply takes an id or a name: use the id, which QEMU tries first.
+                await applySnapshot(o.bs, (await listSnapshots(o.bs))[i]!.id);
                 model = target.data.slice();
               } else {
-                await deleteSnapshot(o.bs, id);
+                await deleteSnapshot(o.bs, target.name);
                 snaps.splice(i, 1);
               }
             }

@@ -664,7 +664,11 @@ export async function growL1(s: Qcow2State, minSize: number, exact: boolean): Pr
   s.mapping.l1Size = size;
   s.header.l1Size = size;
   s.header.l1TableOffset = offset;
-  if (old > 0) queueFree(s, oldOffset, Math.ceil((old * 8) / cs) * cs, 'other');
+  if (old > 0) {
+    // The header names the new table durably, so the old one is free now, as in QEMU: the next allocation may take it.
+    queueFree(s, oldOffset, Math.ceil((old * 8) / cs) * cs, 'other');
+    await writeback(s);
+  }
 }
 
 /** Drops the L2 tables past `newSize` L1 entries (QEMU's qcow2_shrink_l1_table); the L1 keeps its size. */
