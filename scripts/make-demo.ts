@@ -278,7 +278,7 @@ async function generateWithEngine(dir: string, layers: DemoLayer[], log: (m: str
       let hasBitmaps = false;
       if (layer.snapshot !== undefined) {
         if (qcow2.snapshotCreate) {
-          // The engine's own qemu-img snapshot -c, once its qcow2 driver can.
+          // The engine's own qemu-img snapshot -c.
           const { createSnapshot } = await import('../src/core/img/snapshot.ts');
           const blk = await BlockBackend.open(graph, { driver: 'qcow2', file: { driver: 'file', filename: path } });
           try {
