@@ -20,7 +20,8 @@ import { queryImageInfo, type ImageInfo } from '../core/img/info.ts';
 import { measureImage, MeasureOptionsError } from '../core/img/measure.ts';
 import { AIO_MODES, openBackend, parseCacheMode, type ImageOpenSpec } from '../core/img/open.ts';
 import { resizeImage, SHRINK_WARNING, ShrinkRefused } from '../core/img/resize.ts';
-import { applySnapshot, createSnapshot, deleteSnapshot, listSnapshots } from '../core/img/snapshot.ts';
+import { applySnapshot, createSnapshot, deleteSnapshot, listSnapshots, loadSnapshotTmp, loadSnapshotTmpByIdOrName } from '../core/img/snapshot.ts';
+import type { BlockNode } from '../core/node.ts';
 import { PREALLOC_MODES, type PreallocMode } from '../core/types.ts';
 import { asQDict, dumpQObject, fmtFixed, jsonPretty, sizeToStr, altHex, type JsonValue } from './format.ts';
 import { checkObjectOption, parseTraceOption } from './common.ts';
@@ -670,7 +671,7 @@ async function imgConvert(img: Img, argv: readonly string[]): Promise<number> {
     L.forceShare, { name: 'bitmaps', hasArg: 0, val: OPTION_BITMAPS }, { name: 'skip-broken-bitmaps', hasArg: 0, val: OPTION_SKIP_BROKEN },
   ]);
   let fmt: string | undefined, outFmt: string | undefined, outBase: string | undefined, backingFmt: string | undefined;
-  let options: string | undefined, snapshot: string | undefined, cache = 'unsafe', srcCache = 'writeback';
+  let options: string | undefined, snapshot: SnapshotParam | undefined, cache = 'unsafe', srcCache = 'writeback';
   let compressed = false, copyRange = false, progress = false, quiet = false, skipCreate = false, inOrder = true;
   let forceShare = false, imageOpts = false, tgtImageOpts = false, salvage = false, targetIsZero = false, bitmaps = false, skipBroken = false;
   let minSparse = 8, explicitMinSparse = false, numCoroutines = 8, rateLimit = 0;
@@ -683,7 +684,7 @@ async function imgConvert(img: Img, argv: readonly string[]): Promise<number> {
       case 'c': compressed = true; break;
       case 'F': backingFmt = o.arg; break;
       case 'o': options = accumulate(img, options, o.arg!); break;
-      case 'l': snapshot = o.arg; break;
+      case 'l': snapshot = snapshotParam(img, o.arg!); break;
       case 'S': {
         const v = cvtnum(img, 'buffer size for sparse output', o.arg!);
         if (v % 512 || v / 512 > MAX_BUF_SECTORS) {
@@ -753,8 +754,16 @@ async function imgConvert(img: Img, argv: readonly string[]): Promise<number> {
       return 1;
     }
     if (snapshot !== undefined) {
-      img.report(`Failed to load snapshot: Block format '${sources[0]!.blk.bs!.drv.name}' used by device '' does not support temporarily loading internal snapshots`);
-      return 1;
+      if (snapshot.idOrName !== undefined && sources.length > 1) {
+        img.report('No support for concatenating multiple snapshot');
+        return 1;
+      }
+      try {
+        await loadSnapshotParam(sources[0]!.blk.bs!, snapshot);
+      } catch (e) {
+        img.report(toBlockError(e).message);
+        return 1;
+      }
     }
     if (bitmaps) {
       img.report('Source lacks bitmap support');
@@ -904,14 +913,14 @@ async function imgConvert(img: Img, argv: readonly string[]): Promise<number> {
 
 async function imgMeasure(img: Img, argv: readonly string[]): Promise<number> {
   const p = parse(img, argv, 'hf:O:o:l:U', [L.imageOpts, L.object, L.output, { name: 'size', hasArg: 1, val: OPTION_SIZE }, L.forceShare]);
-  let fmt: string | undefined, outFmt = 'raw', options: string | undefined, output: string | undefined, snapshot: string | undefined;
+  let fmt: string | undefined, outFmt = 'raw', options: string | undefined, output: string | undefined, snapshot: SnapshotParam | undefined;
   let size: number | undefined, imageOpts = false, forceShare = false;
   for (const o of p.opts) {
     switch (o.opt) {
       case 'f': fmt = o.arg; break;
       case 'O': outFmt = o.arg!; break;
       case 'o': options = accumulate(img, options, o.arg!); break;
-      case 'l': snapshot = o.arg; break;
+      case 'l': snapshot = snapshotParam(img, o.arg!); break;
       case 'U': forceShare = true; break;
       case OPTION_OBJECT: objectOption(img, o.arg!); break;
       case OPTION_IMAGE_OPTS: imageOpts = true; break;
@@ -930,8 +939,12 @@ async function imgMeasure(img: Img, argv: readonly string[]): Promise<number> {
     if (filename !== undefined) {
       blk = await imgOpen(img, { imageOpts, filename, fmt, readOnly: true, forceShare });
       if (snapshot !== undefined) {
-        img.report(`Failed to load snapshot: Block format '${blk.bs!.drv.name}' used by device '' does not support temporarily loading internal snapshots`);
-        return 1;
+        try {
+          await loadSnapshotParam(blk.bs!, snapshot);
+        } catch (e) {
+          img.report(toBlockError(e).message);
+          return 1;
+        }
       }
     }
     let info;
@@ -1279,6 +1292,48 @@ async function imgRebase(img: Img, argv: readonly string[]): Promise<number> {
 
 // ---------------------------------------------------------------------------
 // snapshot, bitmap, amend
+
+/** A -l argument of convert and measure: QEMU's internal_snapshot_opts, or a plain id or name. */
+type SnapshotParam = { id?: string; name?: string; idOrName?: string };
+
+/** Parses -l as qemu-img does at option time ("snapshot.id=…,snapshot.name=…" with ",," for a comma, or anything else as an id or name). */
+function snapshotParam(img: Img, arg: string): SnapshotParam {
+  if (!arg.startsWith('snapshot.')) return { idOrName: arg };
+  const out: SnapshotParam = {};
+  let i = 0;
+  while (i < arg.length) {
+    let item = '';
+    for (; i < arg.length; i++) {
+      if (arg[i] === ',') {
+        if (arg[i + 1] === ',') { item += ','; i++; continue; }
+        break;
+      }
+      item += arg[i];
+    }
+    i++;
+    const eq = item.indexOf('=');
+    let key = item;
+    let value = 'on';
+    if (eq >= 0) {
+      key = item.slice(0, eq);
+      value = item.slice(eq + 1);
+    }
+    if (key !== 'snapshot.id' && key !== 'snapshot.name') {
+      img.report(`Invalid parameter '${key}'`);
+      img.fail(`Failed in parsing snapshot param '${arg}'`);
+    }
+    if (eq < 0) img.report(`warning: short-form boolean option '${key}' deprecated\nPlease use ${key}=on instead`);
+    if (key === 'snapshot.id') out.id = value;
+    else out.name = value;
+  }
+  return out;
+}
+
+/** Loads the -l snapshot on a read-only source, as qemu-img convert and measure do. */
+async function loadSnapshotParam(bs: BlockNode, sn: SnapshotParam): Promise<void> {
+  if (sn.idOrName !== undefined) await loadSnapshotTmpByIdOrName(bs, sn.idOrName);
+  else await loadSnapshotTmp(bs, sn.id, sn.name);
+}
 
 async function imgSnapshot(img: Img, argv: readonly string[]): Promise<number> {
   const p = parse(img, argv, 'la:c:d:hqU', [L.object, L.imageOpts, L.forceShare]);

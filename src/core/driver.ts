@@ -133,6 +133,8 @@ export interface BlockDriver {
   snapshotGoto?(bs: BlockNode, idOrName: string): Promise<void>;
   snapshotDelete?(bs: BlockNode, id: string | undefined, name: string | undefined): Promise<void>;
   snapshotList?(bs: BlockNode): Promise<SnapshotInfo[]>;
+  /** Switches a read-only node to a snapshot's tables until it is closed (QEMU's bdrv_snapshot_load_tmp); ENOENT when no snapshot matches both given keys. */
+  snapshotLoadTmp?(bs: BlockNode, id: string | undefined, name: string | undefined): Promise<void>;
   saveVmstate?(bs: BlockNode, buf: Uint8Array, pos: number): Promise<void>;
   loadVmstate?(bs: BlockNode, buf: Uint8Array, pos: number): Promise<void>;
 

@@ -90,6 +90,21 @@ export const IMG_SNAPSHOT_CASES: DiffCase[] = [
   snap('snapshot -d s1 $D/df.qcow2', 'df.qcow2'),
   snap('snapshot -U -d first $D/s.qcow2', 's.qcow2'),
   snap('snapshot -d small $D/grown.qcow2', 'grown.qcow2'),
+  // convert and measure of a snapshot (QEMU's bdrv_snapshot_load_tmp)
+  ...[
+    '-l first', '-l second', '-l 1', '-l 2', '-l snapshot.name=first', '-l snapshot.id=2', '-l snapshot.id=1,snapshot.name=first',
+    '-l snapshot.id=1,snapshot.name=second', '-l snapshot.id=', '-l snapshot.id', '-l snapshot.foo=1', '-l snapshot.name=first,x=1', '-l nope',
+  ].map((l): DiffCase => ({ setup: SNAP, cmd: `convert ${l} -O raw $D/s.qcow2 $D/out.raw`, files: ['out.raw'] })),
+  { setup: SNAP, cmd: 'convert -l small -O raw $D/grown.qcow2 $D/out.raw', files: ['out.raw'] },
+  { setup: SNAP, cmd: 'convert -l first -O qcow2 $D/s.qcow2 $D/out.qcow2', images: ['out.qcow2'] },
+  { setup: SNAP, cmd: 'convert -l first -O raw $D/s.qcow2 $D/s.qcow2 $D/out.raw', files: ['out.raw'] },
+  { setup: SNAP, cmd: 'convert -l snapshot.name=first -O raw $D/s.qcow2 $D/q.qcow2 $D/out.raw', files: ['out.raw'] },
+  { setup: SNAP, cmd: 'convert -l first -f raw -O raw $D/s.qcow2 $D/out.raw', files: ['out.raw'] },
+  { setup: SNAP, cmd: 'measure -l first -O raw $D/s.qcow2' },
+  { setup: SNAP, cmd: 'measure -l snapshot.name=small --output=json -O raw $D/grown.qcow2' },
+  { setup: SNAP, cmd: 'measure -l nope -O raw $D/s.qcow2' },
+  { setup: SNAP, cmd: 'measure -l snapshot.x=1 -O raw $D/s.qcow2' },
+
   // list and info over what QEMU made (ours reads; dates come from setup, so they are equal)
   { setup: SNAP, cmd: 'snapshot -l $D/s.qcow2' },
   { setup: SNAP, cmd: 'snapshot -l $D/df.qcow2' },

@@ -113,3 +113,32 @@ export async function deleteSnapshot(bs: BlockNode, name: string): Promise<void>
 function errnoOf(code: keyof typeof STRERROR): number {
   return new BlockError(code).errno;
 }
+
+/**
+ * QEMU's bdrv_snapshot_load_tmp: `bs` (read-only) shows snapshot `id` and/or
+ * `name` until it is closed. No fallback to children, as in QEMU; errors are
+ * qemu-img's "Failed to load snapshot: …" lines.
+ */
+export async function loadSnapshotTmp(bs: BlockNode, id: string | undefined, name: string | undefined): Promise<void> {
+  if (id === undefined && name === undefined) throw new BlockError('EINVAL', 'Failed to load snapshot: snapshot_id and name are both NULL');
+  const drv = bs.drv;
+  if (!drv.snapshotLoadTmp) {
+    throw new BlockError('ENOTSUP', `Failed to load snapshot: Block format '${drv.name}' used by device '' does not support temporarily loading internal snapshots`);
+  }
+  try {
+    await drained(bs, () => drv.snapshotLoadTmp!(bs, id, name));
+  } catch (e) {
+    const be = toBlockError(e);
+    throw new BlockError(be.code, `Failed to load snapshot: ${be.message}`);
+  }
+}
+
+/** QEMU's bdrv_snapshot_load_tmp_by_id_or_name: by id first, then by name when no id matches. */
+export async function loadSnapshotTmpByIdOrName(bs: BlockNode, idOrName: string): Promise<void> {
+  try {
+    await loadSnapshotTmp(bs, idOrName, undefined);
+  } catch (e) {
+    if (toBlockError(e).code !== 'ENOENT') throw e;
+    await loadSnapshotTmp(bs, undefined, idOrName);
+  }
+}

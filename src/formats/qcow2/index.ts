@@ -44,7 +44,7 @@ import { barrier, flushRefblocks, markClean, writeback, writeHeaderRaw } from '.
 import { qcow2Check } from './check.ts';
 import { qcow2Preadv } from './read.ts';
 import { corruption, Mutex, OL_TEMPLATES, state, type Qcow2State } from './state.ts';
-import { qcow2LoadVmstate, qcow2SaveVmstate, qcow2SnapshotCreate, qcow2SnapshotDelete, qcow2SnapshotGoto } from './snapshot-write.ts';
+import { qcow2LoadVmstate, qcow2SaveVmstate, qcow2SnapshotCreate, qcow2SnapshotDelete, qcow2SnapshotGoto, qcow2SnapshotLoadTmp } from './snapshot-write.ts';
 import { qcow2Pdiscard, qcow2Pwritev, qcow2PwritevCompressed, qcow2PwriteZeroes, qcow2Truncate } from './write.ts';
 
 export type { Qcow2State } from './state.ts';
@@ -647,6 +647,7 @@ export const qcow2Driver: BlockDriver = {
   snapshotCreate: qcow2SnapshotCreate,
   snapshotGoto: qcow2SnapshotGoto,
   snapshotDelete: qcow2SnapshotDelete,
+  snapshotLoadTmp: qcow2SnapshotLoadTmp,
   saveVmstate: qcow2SaveVmstate,
   loadVmstate: qcow2LoadVmstate,
 

@@ -513,6 +513,36 @@ export async function qcow2SnapshotDelete(bs: BlockNode, id: string | undefined,
   });
 }
 
+/**
+ * QEMU's qcow2_snapshot_load_tmp: a read-only node reads through the
+ * snapshot's L1 table from now on (the disk keeps its current size; the
+ * snapshot's table may be shorter, the rest reads as unallocated).
+ */
+export async function qcow2SnapshotLoadTmp(bs: BlockNode, id: string | undefined, name: string | undefined): Promise<void> {
+  const s = state(bs);
+  if (!bs.readOnly) throw new BlockError('EPERM', 'Device is writable, cannot load a snapshot temporarily', { node: bs.nodeName });
+  const idx = findSnapshot(s.snapshots, id, name);
+  if (idx < 0) throw new BlockError('ENOENT', "Can't find snapshot", { node: bs.nodeName });
+  const sn = s.snapshots[idx]!;
+  validateSnapshotL1(s, sn);
+  let l1: Uint8Array;
+  try {
+    l1 = sn.l1Size > 0 ? await bdrvPread(bs.file!, sn.l1TableOffset, sn.l1Size * 8) : new Uint8Array(0);
+  } catch (e) {
+    throw new BlockError(toBlockError(e).code, 'Failed to read l1 table for snapshot', { node: bs.nodeName, cause: e });
+  }
+  await s.lock.run(async () => {
+    s.l1 = l1;
+    s.mapping.l1 = l1;
+    s.mapping.l1Size = sn.l1Size;
+    s.header.l1Size = sn.l1Size;
+    s.header.l1TableOffset = sn.l1TableOffset;
+    s.l1Dirty.clear();
+    delete s.metadataPreallocation;
+    delete s.lastCompressed;
+  });
+}
+
 // ---------------------------------------------------------------------------
 // VM state
 
