@@ -105,6 +105,12 @@ export const IMG_SNAPSHOT_CASES: DiffCase[] = [
   { setup: SNAP, cmd: 'measure -l nope -O raw $D/s.qcow2' },
   { setup: SNAP, cmd: 'measure -l snapshot.x=1 -O raw $D/s.qcow2' },
 
+  // resizing images with snapshots: v3 can (each snapshot keeps its size), v2 cannot
+  snap('resize $D/s.qcow2 2M', 's.qcow2'),
+  snap('resize --shrink $D/s.qcow2 512k', 's.qcow2'),
+  snap('resize $D/grown.qcow2 1M', 'grown.qcow2'),
+  { setup: [...SNAP, 'qemu-img snapshot -c s1 $D/v2.qcow2'], cmd: 'resize $D/v2.qcow2 2M', images: ['v2.qcow2'] },
+
   // list and info over what QEMU made (ours reads; dates come from setup, so they are equal)
   { setup: SNAP, cmd: 'snapshot -l $D/s.qcow2' },
   { setup: SNAP, cmd: 'snapshot -l $D/df.qcow2' },
