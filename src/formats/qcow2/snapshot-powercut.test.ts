@@ -65,6 +65,7 @@ const VARIANTS: Variant[] = [
   { name: '512-byte clusters, 64-bit refcounts', create: ['-o', 'cluster_size=512,refcount_bits=64'], size: M, clusterSize: 512, workloads: 2 },
   { name: 'compat=0.10, 4k clusters', create: ['-o', 'compat=0.10,cluster_size=4k'], size: 2 * M, clusterSize: 4096, workloads: 2 },
   { name: 'lazy refcounts, 4k clusters', create: ['-o', 'lazy_refcounts=on,cluster_size=4k'], size: 2 * M, clusterSize: 4096, workloads: 2 },
+  { name: 'extended L2, 16k clusters', create: ['-o', 'extended_l2=on,cluster_size=16k'], size: 2 * M, clusterSize: 16384, workloads: 1 },
 ];
 
 let counter = 0;

@@ -178,6 +178,33 @@ describe('snapshots this engine writes, as QEMU sees them', () => {
     expect(same(qemuRead(img), active)).toBe(true);
   });
 
+  it('snapshots an overlay: unallocated clusters keep reading from the backing file in the snapshot', async () => {
+    const base = `b${n++}.qcow2`;
+    const img = `t${n++}.qcow2`;
+    qemuImg(tmp.dir, 'create', '-f', 'qcow2', base, '1M');
+    qemuIo(tmp.dir, base, 'write -P 0x55 0 1M');
+    qemuImg(tmp.dir, 'create', '-f', 'qcow2', '-o', 'cluster_size=16k', '-b', base, '-F', 'qcow2', img);
+    qemuIo(tmp.dir, img, 'write -P 0x66 64k 20k');
+    const before = qemuRead(img);
+    const o = await openQcow2(tmp.path(img), { readOnly: false });
+    try {
+      await createSnapshot(o.bs, 'over');
+      // Partial writes into unallocated clusters copy from the backing file; into shared ones, from the shared cluster.
+      await bdrvPwritev(o.child, 1000 * 512, 4096, new Uint8Array(4096).fill(0x77));
+      await bdrvPwritev(o.child, 70 * K, 4096, new Uint8Array(4096).fill(0x78));
+      await applySnapshot(o.bs, 'over');
+      expect(same(await readAll(o), before)).toBe(true);
+      await bdrvPwritev(o.child, 0, 512, new Uint8Array(512).fill(0x79));
+    } finally {
+      await o.close();
+    }
+    expectClean(img);
+    expect(same(qemuRead(img, 'over'), before)).toBe(true);
+    const after = Buffer.from(before);
+    after.fill(0x79, 0, 512);
+    expect(same(qemuRead(img), after)).toBe(true);
+  });
+
   it('resizes to the snapshot size on apply (v3), as QEMU 7.2 does', async () => {
     const img = `r${n++}.qcow2`;
     qemuImg(tmp.dir, 'create', '-f', 'qcow2', img, '1M');
