@@ -1459,7 +1459,7 @@ async function imgAmend(img: Img, argv: readonly string[]): Promise<number> {
       img.report(`Format driver '${name}' does not support option amendment`);
       return 1;
     }
-    img.out(`Amend options for '${name}':\n${optionHelpLines(drv.createOptions ?? []).map((l) => `${l}\n`).join('')}`);
+    img.out(`Amend options for '${name}':\n${optionHelpLines(drv.amendOptions ?? drv.createOptions ?? []).map((l) => `${l}\n`).join('')}`);
     return 0;
   };
   let blk: BlockBackend | null = null;

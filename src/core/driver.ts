@@ -94,6 +94,8 @@ export interface BlockDriver {
   readonly runtimeOptions?: readonly OptionSpec[];
   /** Options accepted by create(). */
   readonly createOptions?: readonly OptionSpec[];
+  /** Options accepted by amend() (QEMU's amend_opts); required when amend is. */
+  readonly amendOptions?: readonly OptionSpec[];
   /** Lengths may change under us (files on a host FS), so getLength is always asked. */
   readonly hasVariableLength?: boolean;
 
@@ -143,6 +145,11 @@ export interface BlockDriver {
   changeBackingFile?(bs: BlockNode, backingFile: string, backingFmt: string | undefined): Promise<void>;
   check?(bs: BlockNode, fix: number): Promise<CheckResult>;
   amend?(bs: BlockNode, opts: CreateOptions, force: boolean, progress?: ProgressFn): Promise<void>;
+  /**
+   * Drops every guest cluster of the active layer so the image reads through
+   * to its backing file again (QEMU's bdrv_make_empty); snapshots keep theirs.
+   */
+  makeEmpty?(bs: BlockNode): Promise<void>;
   /** True when a freshly created image reads as zeroes everywhere. */
   hasZeroInit?(bs: BlockNode): boolean;
 

@@ -53,11 +53,6 @@ export interface CommitOptions {
   progress?: (percent: number) => void;
 }
 
-/** Whether the driver can empty an image (QEMU's bdrv_make_empty); none of ours can yet. */
-function canMakeEmpty(_bs: BlockNode): boolean {
-  return false;
-}
-
 /**
  * Commits the top image of `blk` into its base (QEMU's commit job as
  * qemu-img runs it): every range allocated above the base is copied down.
@@ -71,10 +66,6 @@ export async function commitImage(blk: BlockBackend, opts: CommitOptions): Promi
   } else {
     base = backingChainNext(bs);
     if (!base) throw new BlockError('EINVAL', 'Image does not have a backing file');
-  }
-  if (!opts.drop && bs.drv.supportsBacking && !canMakeEmpty(bs)) {
-    // Checked before anything is copied, so a refusal changes nothing.
-    throw new BlockError('ENOTSUP', `Emptying the top image after the commit is not supported by the '${bs.drv.name}' driver of this engine; use -d to commit without emptying it`);
   }
   const graph = bs.graph;
   // The base is opened read-only as part of the chain; commit needs to write it.
@@ -98,6 +89,23 @@ export async function commitImage(blk: BlockBackend, opts: CommitOptions): Promi
     await dst.flush();
   } finally {
     await dst.close();
+  }
+  if (!opts.drop) await makeEmpty(bs);
+}
+
+/**
+ * QEMU's bdrv_make_empty as qemu-img commit uses it: a driver without the
+ * capability leaves the image as it is (qemu-img ignores ENOTSUP there);
+ * other failures carry "Failed to empty <file>".
+ */
+export async function makeEmpty(bs: BlockNode): Promise<void> {
+  const top = skipFilters(bs);
+  if (!top.drv.makeEmpty) return;
+  try {
+    await top.drv.makeEmpty(top);
+  } catch (e) {
+    const be = toBlockError(e);
+    throw new BlockError(be.code, `Failed to empty ${top.filename}: ${STRERROR[be.code]}`, { cause: e });
   }
 }
 
@@ -143,7 +151,7 @@ export async function rebaseImage(graph: Graph, blk: BlockBackend, opts: RebaseO
   if (opts.backingFmt !== undefined && !graph.drivers.has(opts.backingFmt)) throw new BlockError('EINVAL', `Invalid format name: '${opts.backingFmt}'`);
   if (top.drv.supportsBacking && !top.drv.changeBackingFile) {
     // A format that has backing files but whose driver here cannot rewrite the reference: refuse before copying anything.
-    throw new BlockError('ENOTSUP', `Could not change the backing file to '${opts.backing ?? ''}': Operation not supported (the '${top.drv.name}' driver of this engine cannot rewrite its backing file reference yet)`);
+    throw new BlockError('ENOTSUP', `Could not change the backing file to '${opts.backing ?? ''}': Operation not supported (the '${top.drv.name}' driver of this engine cannot rewrite its backing file reference)`);
   }
   if (!opts.unsafe) {
     const oldBacking = filterOrCowBs(top);

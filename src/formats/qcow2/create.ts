@@ -29,23 +29,71 @@ import {
 } from './header.ts';
 import { refcountKernel, refcountMetadataSize } from './refcount.ts';
 
-/** Create options of QEMU 7.2's qcow2 driver (qemu-img create -f qcow2 -o help). */
-export const CREATE_OPTIONS: readonly OptionSpec[] = [
+/** Options qcow2 shares between create and amend, in QEMU 7.2's order (its QCOW_COMMON_OPTIONS). */
+const COMMON_OPTIONS: readonly OptionSpec[] = [
   { name: 'size', type: 'size', help: 'Virtual disk size' },
   { name: 'compat', type: 'string', help: 'Compatibility level (v2 [0.10] or v3 [1.1])' },
   { name: 'backing_file', type: 'string', help: 'File name of a base image' },
   { name: 'backing_fmt', type: 'string', help: 'Image format of the base image' },
   { name: 'data_file', type: 'string', help: 'File name of an external data file' },
-  { name: 'data_file_raw', type: 'bool', help: 'The external data file must stay valid as a raw image', defaultValue: 'off' },
+  { name: 'data_file_raw', type: 'bool', help: 'The external data file must stay valid as a raw image' },
+  { name: 'lazy_refcounts', type: 'bool', help: 'Postpone refcount updates', defaultValue: 'off' },
+  { name: 'refcount_bits', type: 'number', help: 'Width of a reference count entry in bits', defaultValue: '16' },
+];
+
+/**
+ * Create options of QEMU 7.2's qcow2 driver in its declaration order, which
+ * is the order of the "Formatting …" line (`-o help` sorts them). The
+ * encryption options are listed as QEMU lists them; creating an encrypted
+ * image fails (see validateEncryption).
+ */
+export const CREATE_OPTIONS: readonly OptionSpec[] = [
   { name: 'encryption', type: 'bool', help: "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)" },
-  { name: 'encrypt.format', type: 'string', help: 'Encrypt the image, format choices: \'aes\', \'luks\'' },
+  { name: 'encrypt.format', type: 'string', help: "Encrypt the image, format choices: 'aes', 'luks'" },
+  { name: 'encrypt.key-secret', type: 'string', help: 'ID of secret providing qcow AES key or LUKS passphrase' },
+  { name: 'encrypt.cipher-alg', type: 'string', help: 'Name of encryption cipher algorithm' },
+  { name: 'encrypt.cipher-mode', type: 'string', help: 'Name of encryption cipher mode' },
+  { name: 'encrypt.ivgen-alg', type: 'string', help: 'Name of IV generator algorithm' },
+  { name: 'encrypt.ivgen-hash-alg', type: 'string', help: 'Name of IV generator hash algorithm' },
+  { name: 'encrypt.hash-alg', type: 'string', help: 'Name of encryption hash algorithm' },
+  { name: 'encrypt.iter-time', type: 'number', help: 'Time to spend in PBKDF in milliseconds' },
   { name: 'cluster_size', type: 'size', help: 'qcow2 cluster size', defaultValue: '65536' },
   { name: 'extended_l2', type: 'bool', help: 'Extended L2 tables', defaultValue: 'off' },
   { name: 'preallocation', type: 'string', help: 'Preallocation mode (allowed values: off, metadata, falloc, full)' },
-  { name: 'lazy_refcounts', type: 'bool', help: 'Postpone refcount updates', defaultValue: 'off' },
-  { name: 'refcount_bits', type: 'number', help: 'Width of a reference count entry in bits', defaultValue: '16' },
   { name: 'compression_type', type: 'string', help: 'Compression method used for image cluster compression', defaultValue: 'zlib' },
+  ...COMMON_OPTIONS,
 ];
+
+/** Amend options of QEMU 7.2's qcow2 driver (qemu-img amend -o help), in its declaration order. */
+export const AMEND_OPTIONS: readonly OptionSpec[] = [
+  { name: 'encrypt.state', type: 'string', help: 'Select new state of affected keyslots (active/inactive)' },
+  { name: 'encrypt.keyslot', type: 'number', help: 'Select a single keyslot to modify explicitly' },
+  { name: 'encrypt.old-secret', type: 'string', help: 'Select all keyslots that match this password' },
+  { name: 'encrypt.new-secret', type: 'string', help: 'New secret to set in the matching keyslots. Empty string to erase' },
+  { name: 'encrypt.iter-time', type: 'number', help: 'Time to spend in PBKDF in milliseconds' },
+  ...COMMON_OPTIONS,
+];
+
+/**
+ * QEMU's checks of the encryption options, in the order qcow2_co_create_opts
+ * and the QAPI visitor make them, with their messages. Where QEMU would go on
+ * to look up the secret and set up the cipher, this engine stops: it has no
+ * secret objects and no qcow2 encryption.
+ */
+function validateEncryption(opts: CreateOptions, beforeCreate: boolean): void {
+  const legacy = opts.encryption !== undefined ? parseOptionValue({ name: 'encryption', type: 'bool' }, opts.encryption) : undefined;
+  const format = opts['encrypt.format'];
+  const anyEncrypt = Object.keys(opts).some((k) => k.startsWith('encrypt.') && opts[k] !== undefined);
+  if (beforeCreate) {
+    if (format !== undefined && legacy !== undefined) throw einval("'encrypt.format' and its alias 'encryption' can't be used at the same time");
+    if (format === undefined && legacy !== true && anyEncrypt) throw einval("Parameter 'encrypt.format' is missing");
+    if (format !== undefined && format !== 'aes' && format !== 'luks') throw einval(`Parameter 'format' does not accept value '${String(format)}'`);
+    return;
+  }
+  if (format === undefined && legacy !== true) return;
+  if (opts['encrypt.key-secret'] === undefined) throw einval("Parameter 'encrypt.key-secret' is required for cipher");
+  throw new BlockError('ENOTSUP', 'qcow2: creating encrypted images is not supported: this engine has no secret objects (--object secret) and no qcow2 encryption');
+}
 
 const DEFAULT_CLUSTER_SIZE = 65536;
 
@@ -114,9 +162,7 @@ function parsePrealloc(v: OptionValue | undefined): PreallocMode {
 
 /** Applies qcow2_co_create's checks and defaults; `size` must already be known. */
 export function validateCreateParams(opts: CreateOptions, size: number): Qcow2CreateParams {
-  if (opt(opts, 'encryption') === true || opts['encrypt.format'] !== undefined) {
-    throw new BlockError('ENOTSUP', 'qcow2: creating encrypted images is not supported');
-  }
+  validateEncryption(opts, true);
   const version = parseVersion(opt(opts, 'compat'));
   const clusterSize = (opt(opts, 'cluster_size') as number | undefined) ?? DEFAULT_CLUSTER_SIZE;
   const extendedL2 = (opt(opts, 'extended_l2') as boolean | undefined) ?? false;
@@ -155,6 +201,7 @@ export function validateCreateParams(opts: CreateOptions, size: number): Qcow2Cr
     }
     compressionType = idx;
   }
+  validateEncryption(opts, false);
   // qcow2_co_create_opts silently rounds the size up to whole sectors.
   size = Math.ceil(size / 512) * 512;
   const l2Entries = clusterSize / (extendedL2 ? 16 : 8);

@@ -18,7 +18,10 @@ import { CACHE_OPTIONS, computeCacheSizes, MetadataCache } from './cache.ts';
 import { getHostOffset, parseCompressedEntry, SC, type HostMapping, type L2Geometry, type MappingContext } from './cluster.ts';
 import { bitmapInfoList, readBitmapDirectory } from './bitmap.ts';
 import { decompressCluster } from './compress.ts';
-import { CREATE_OPTIONS, measureQcow2, qcow2Create } from './create.ts';
+import { AMEND_OPTIONS, CREATE_OPTIONS, measureQcow2, qcow2Create } from './create.ts';
+import { qcow2Amend } from './amend.ts';
+import { qcow2ChangeBackingFile } from './backing.ts';
+import { qcow2MakeEmpty } from './make-empty.ts';
 import {
   AUTOCLEAR,
   COMPAT,
@@ -570,6 +573,7 @@ export const qcow2Driver: BlockDriver = {
   supportsBacking: true,
   runtimeOptions: RUNTIME_OPTIONS,
   createOptions: CREATE_OPTIONS,
+  amendOptions: AMEND_OPTIONS,
 
   probe(buf) {
     if (buf.length < HEADER_SIZE) return 0;
@@ -676,6 +680,9 @@ export const qcow2Driver: BlockDriver = {
   },
 
   create: qcow2Create,
+  changeBackingFile: qcow2ChangeBackingFile,
+  makeEmpty: qcow2MakeEmpty,
+  amend: qcow2Amend,
 
   reopenPrepare: qcow2ReopenPrepare,
   reopenCommit: qcow2ReopenCommit,
