@@ -1,13 +1,15 @@
 /**
- * qblock-img against qemu-img: every case in cases-img.ts runs with both and
- * must produce the same stdout, stderr, exit status and files.
+ * qblock-img against qemu-img: every case in cases-img.ts,
+ * cases-img-snapshot.ts and cases-img-chain.ts runs with both and must
+ * produce the same stdout, stderr, exit status and files.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { CHAIN_CASES } from './cases-img-chain.ts';
 import { IMG_CASES as BASE_CASES } from './cases-img.ts';
 import { IMG_SNAPSHOT_CASES } from './cases-img-snapshot.ts';
 import { cleanupTemplates, renderResult, requireQemuTools, schedule } from './harness.ts';
 
-const IMG_CASES = [...BASE_CASES, ...IMG_SNAPSHOT_CASES];
+const IMG_CASES = [...BASE_CASES, ...IMG_SNAPSHOT_CASES, ...CHAIN_CASES];
 
 describe('qblock-img vs qemu-img', () => {
   let results: ReturnType<typeof schedule> = [];

@@ -9,9 +9,9 @@
 import { BlockBackend } from '../block-backend.ts';
 import { BlockError, STRERROR, toBlockError } from '../errors.ts';
 import type { Graph } from '../graph.ts';
-import { bdrvIsAllocated, bdrvIsAllocatedAbove, filterOrCowBs } from '../io.ts';
+import { bdrvBlockStatusAbove, bdrvIsAllocated, bdrvIsAllocatedAbove, filterOrCowBs } from '../io.ts';
 import type { BlockNode } from '../node.ts';
-import { PERM } from '../types.ts';
+import { BLOCK, PERM, REQ } from '../types.ts';
 import { compareBuffers, IO_BUF_SIZE } from './compare.ts';
 import { pathCombine } from './gate.ts';
 
@@ -78,10 +78,18 @@ export async function commitImage(blk: BlockBackend, opts: CommitOptions): Promi
     while (offset < size) {
       const { depth, pnum } = await bdrvIsAllocatedAbove(bs, base, false, offset, Math.min(size - offset, IO_BUF_SIZE));
       const n = Math.max(1, pnum);
-      if (depth > 0) {
-        const buf = new Uint8Array(n);
-        await blk.pread(offset, buf);
-        await dst.pwrite(offset, buf);
+      // Ranges the chain reads as zeroes become zero writes that may unmap, as QEMU's commit (a mirror with unmap) does.
+      for (let o = offset; depth > 0 && o < offset + n;) {
+        const st = await bdrvBlockStatusAbove(bs, null, false, true, o, offset + n - o);
+        const m = Math.max(1, Math.min(st.pnum, offset + n - o));
+        if (st.status & BLOCK.ZERO) {
+          await dst.pwriteZeroes(o, m, { flags: REQ.MAY_UNMAP });
+        } else {
+          const buf = new Uint8Array(m);
+          await blk.pread(o, buf);
+          await dst.pwrite(o, buf);
+        }
+        o += m;
       }
       offset += n;
       opts.progress?.((100 * offset) / size);

@@ -157,7 +157,7 @@ export async function qcow2Amend(bs: BlockNode, opts: CreateOptions, _force: boo
   if (backingFile !== undefined || backingFmt !== undefined) {
     // QEMU 7.2 only accepts the values the image already has: changing them is rebase's job.
     if (backingFile !== s.imageBackingFile || backingFmt !== s.ext.backingFormat) {
-      throw new HintedError('EINVAL', 'Cannot amend the backing file', "You can use 'qemu-img rebase' instead.\n");
+      throw new HintedError('EINVAL', 'Cannot amend the backing file', "You can use 'qblock-img rebase' instead.\n");
     }
   }
 

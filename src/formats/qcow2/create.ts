@@ -124,12 +124,17 @@ function einval(msg: string): BlockError {
   return new BlockError('EINVAL', msg);
 }
 
-/** qcow2_opt_get_version_del: compat=0.10|v2 → 2, 1.1|v3 → 3 (the default). */
-function parseVersion(v: OptionValue | undefined): 2 | 3 {
+/**
+ * The compat option: 0.10|v2 → 2, 1.1|v3 → 3 (the default). Create goes through
+ * QAPI, which names the field 'version'; measure uses qcow2_opt_get_version_del,
+ * which knows only the numbered spellings.
+ */
+function parseVersion(v: OptionValue | undefined, forMeasure = false): 2 | 3 {
   if (v === undefined) return 3;
-  if (v === '0.10' || v === 'v2') return 2;
-  if (v === '1.1' || v === 'v3') return 3;
-  throw einval(`Invalid compatibility level: '${String(v)}'`);
+  if (v === '0.10' || (!forMeasure && v === 'v2')) return 2;
+  if (v === '1.1' || (!forMeasure && v === 'v3')) return 3;
+  if (forMeasure) throw einval(`Invalid compatibility level: '${String(v)}'`);
+  throw einval(`Parameter 'version' does not accept value '${String(v)}'`);
 }
 
 /** validate_cluster_size. */
@@ -142,13 +147,14 @@ function validateClusterSize(cs: number, extendedL2: boolean): void {
   }
 }
 
-function parseRefcountBits(v: OptionValue | undefined, version: number): number {
+/** The refcount_bits option as an order; measure words the v2 refusal with compat=, create (through QAPI) with version=. */
+function parseRefcountBits(v: OptionValue | undefined, version: number, forMeasure = false): number {
   const bits = v === undefined ? 16 : Number(v);
   if (!Number.isInteger(bits) || bits < 1 || bits > 64 || (bits & (bits - 1)) !== 0) {
     throw einval('Refcount width must be a power of two and may not exceed 64 bits');
   }
   if (version < 3 && bits !== 16) {
-    throw einval('Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)');
+    throw einval(`Different refcount widths than 16 bits require compatibility level 1.1 or above (use ${forMeasure ? 'compat=1.1' : 'version=v3'} or greater)`);
   }
   return Math.log2(bits);
 }
@@ -484,8 +490,8 @@ export async function measureQcow2(opts: CreateOptions, src: BlockNode | null, s
   const extendedL2 = (opt(opts, 'extended_l2') as boolean | undefined) ?? false;
   const clusterSize = (opt(opts, 'cluster_size') as number | undefined) ?? DEFAULT_CLUSTER_SIZE;
   validateClusterSize(clusterSize, extendedL2);
-  const version = parseVersion(opt(opts, 'compat'));
-  const refcountOrder = parseRefcountBits(opt(opts, 'refcount_bits'), version);
+  const version = parseVersion(opt(opts, 'compat'), true);
+  const refcountOrder = parseRefcountBits(opt(opts, 'refcount_bits'), version, true);
   const prealloc = parsePrealloc(opt(opts, 'preallocation'));
   const hasBacking = opt(opts, 'backing_file') !== undefined;
   let virtualSize = (opt(opts, 'size') as number | undefined) ?? 0;
