@@ -158,10 +158,10 @@ export const CHAIN_CASES: DiffCase[] = [
   // --- commit without -d: the top is emptied and reads through again
   // (No map of the raw base: QEMU punches a hole for the zeroes, which Node cannot; the bytes are compared instead.)
   img('commit $D/top.qcow2', RCHAIN, { files: ['base.raw'], images: ['top.qcow2'], after: ['qemu-img info $D/top.qcow2'] }),
-  img('commit $D/top.qcow2', QCHAIN, { images: ['top.qcow2', 'mid.qcow2', 'base.qcow2'], after: ['qemu-img map $D/top.qcow2'] , mask: [DISK_SIZE, COMMIT_OFFSETS] }),
-  img('commit -q -t writethrough -r 100M $D/top.qcow2', QCHAIN, { images: ['top.qcow2', 'mid.qcow2'], after: ['qemu-img map $D/top.qcow2'] , mask: [DISK_SIZE, COMMIT_OFFSETS] }),
-  img('commit -b $D/base.qcow2 $D/top.qcow2', QCHAIN, { images: ['top.qcow2', 'mid.qcow2', 'base.qcow2'], after: ['qemu-img map $D/top.qcow2'] , mask: [DISK_SIZE, COMMIT_OFFSETS] }),
-  img('commit -f qcow2 $D/mid.qcow2', QCHAIN, { images: ['mid.qcow2', 'base.qcow2', 'top.qcow2'], after: ['qemu-img map $D/mid.qcow2'] , mask: [DISK_SIZE, COMMIT_OFFSETS] }),
+  img('commit $D/top.qcow2', QCHAIN, { images: ['top.qcow2', 'mid.qcow2', 'base.qcow2'], after: ['qemu-img map $D/top.qcow2'], mask: [DISK_SIZE, COMMIT_OFFSETS] }),
+  img('commit -q -t writethrough -r 100M $D/top.qcow2', QCHAIN, { images: ['top.qcow2', 'mid.qcow2'], after: ['qemu-img map $D/top.qcow2'], mask: [DISK_SIZE, COMMIT_OFFSETS] }),
+  img('commit -b $D/base.qcow2 $D/top.qcow2', QCHAIN, { images: ['top.qcow2', 'mid.qcow2', 'base.qcow2'], after: ['qemu-img map $D/top.qcow2'], mask: [DISK_SIZE, COMMIT_OFFSETS] }),
+  img('commit -f qcow2 $D/mid.qcow2', QCHAIN, { images: ['mid.qcow2', 'base.qcow2', 'top.qcow2'], after: ['qemu-img map $D/mid.qcow2'], mask: [DISK_SIZE, COMMIT_OFFSETS] }),
   img('commit $D/snap.qcow2', SPECIAL, { images: ['snap.qcow2', 'base.qcow2'], after: ['qemu-img map $D/snap.qcow2', 'qemu-img snapshot -l $D/snap.qcow2'] }),
   img('commit $D/v2.qcow2', SPECIAL, { images: ['v2.qcow2', 'base.qcow2'], after: ['qemu-img map $D/v2.qcow2'] }),
   img('commit $D/sub.qcow2', SPECIAL, { images: ['sub.qcow2', 'base.qcow2'], after: ['qemu-img map $D/sub.qcow2'] }),

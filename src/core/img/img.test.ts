@@ -5,6 +5,7 @@
 import { describe, expect, it } from 'vitest';
 import { BlockBackend } from '../block-backend.ts';
 import { BlockError } from '../errors.ts';
+import { bdrvIsAllocated } from '../io.ts';
 import { Graph } from '../graph.ts';
 import { nodeDrivers } from '../../drivers-node.ts';
 import { runBitmapActions } from './bitmap.ts';
@@ -225,29 +226,51 @@ describe('capabilities the engine lacks', () => {
     await blk.close();
   });
 
-  it('refuses commit without -d when the top cannot be emptied, and commits with it', async () => {
+  it('commits without -d by emptying the top, which then reads through to the base', async () => {
     const g = graph();
     const base = await rawImage(g, 1 << 20);
     const top = mem('top');
     await imgCreate(g, { filename: top, fmt: 'qcow2', backingFile: base, backingFmt: 'raw' });
     const blk = await openBackend(g, { filename: top });
     await blk.pwrite(4096, new Uint8Array(512).fill(3));
-    await expect(commitImage(blk, { filename: top })).rejects.toThrow("Emptying the top image after the commit is not supported by the 'qcow2' driver");
-    await commitImage(blk, { filename: top, drop: true });
+    await commitImage(blk, { filename: top });
+    // The top no longer holds the cluster: the bytes come from the base, where the commit put them.
+    expect((await bdrvIsAllocated(blk.bs!, 0, 65536)).allocated).toBe(false);
+    expect((await blk.read(4096, 1))[0]).toBe(3);
     await blk.close();
     const b = await openBackend(g, { filename: base, format: 'raw', readOnly: true });
     expect((await b.read(4096, 1))[0]).toBe(3);
     await b.close();
   });
 
-  it('refuses rebase before copying when the driver cannot rewrite its backing file', async () => {
+  it('commits with -d and leaves the top as it was', async () => {
     const g = graph();
     const base = await rawImage(g, 1 << 20);
     const top = mem('top');
     await imgCreate(g, { filename: top, fmt: 'qcow2', backingFile: base, backingFmt: 'raw' });
     const blk = await openBackend(g, { filename: top });
-    await expect(rebaseImage(g, blk, { backing: base, backingFmt: 'raw', unsafe: true, filename: top })).rejects.toThrow("cannot rewrite its backing file reference");
+    await blk.pwrite(4096, new Uint8Array(512).fill(3));
+    await commitImage(blk, { filename: top, drop: true });
+    expect((await bdrvIsAllocated(blk.bs!, 0, 65536)).allocated).toBe(true);
     await blk.close();
+    const b = await openBackend(g, { filename: base, format: 'raw', readOnly: true });
+    expect((await b.read(4096, 1))[0]).toBe(3);
+    await b.close();
+  });
+
+  it('rebases a qcow2 overlay in unsafe mode by rewriting its backing file reference', async () => {
+    const g = graph();
+    const base = await rawImage(g, 1 << 20);
+    const other = await rawImage(g, 1 << 20);
+    const top = mem('top');
+    await imgCreate(g, { filename: top, fmt: 'qcow2', backingFile: base, backingFmt: 'raw' });
+    const blk = await openBackend(g, { filename: top });
+    await rebaseImage(g, blk, { backing: other, backingFmt: 'raw', unsafe: true, filename: top });
+    await blk.close();
+    const again = await openBackend(g, { filename: top, readOnly: true });
+    expect(again.bs!.backingFile).toBe(other);
+    expect(again.bs!.backingFormat).toBe('raw');
+    await again.close();
   });
 
   it('says why bitmap operations fail', async () => {
