@@ -208,7 +208,12 @@ export class InspectService {
   formats(): CreatableFormat[] {
     const out: CreatableFormat[] = [];
     for (const d of this.host.graph.drivers.values()) {
-      if (d.kind === 'format' && d.create) out.push({ name: d.name, options: [...(d.createOptions ?? [])] });
+      if (!(d.kind === 'format' && d.create)) continue;
+      // Encryption options are listed by qemu-img but every encrypted create fails here: the form leaves them out.
+      const options = (d.createOptions ?? []).filter((o) => o.name !== 'encryption' && !o.name.startsWith('encrypt.'));
+      // The size leads the form whatever the driver's declaration order (which follows QEMU's "Formatting" line).
+      options.sort((a, b) => Number(b.name === 'size') - Number(a.name === 'size'));
+      out.push({ name: d.name, options });
     }
     return out;
   }
