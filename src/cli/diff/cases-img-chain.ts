@@ -81,6 +81,15 @@ const AMEND = [
 /** Host offsets in a committed-into image: QEMU's commit is a mirror whose chunks land in the order its coroutines finish. */
 const COMMIT_OFFSETS = { re: /(?<=^\S+\s+\S+\s+)0x[0-9a-f]+(?=\s+\$D\/(?:mid|base)\.qcow2$)/gm, why: 'allocation order of concurrent mirror writes' };
 
+/** Bigger images whose amend progress has many steps: v2, and 4k clusters with a snapshot. */
+const PROGRESS = [
+  'qemu-img create -q -f qcow2 -o compat=0.10 $D/v2.qcow2 4M',
+  "qemu-io -c 'write -P 1 0 1M' $D/v2.qcow2",
+  'qemu-img create -q -f qcow2 -o cluster_size=4k $D/a.qcow2 8M',
+  "qemu-io -c 'write -P 1 0 3M' -c 'write -z 4M 1M' $D/a.qcow2",
+  'qemu-img snapshot -c s $D/a.qcow2',
+];
+
 function img(cmd: string, setup: string[], extra: Partial<DiffCase> = {}): DiffCase {
   return { setup, cmd, mask: [DISK_SIZE], ...extra };
 }
@@ -192,6 +201,12 @@ export const CHAIN_CASES: DiffCase[] = [
   img('amend -q -o refcount_bits=16 $D/r8.qcow2', AMEND, { images: ['r8.qcow2'], after: ['qemu-img info $D/r8.qcow2'] }),
   ...WIDTHS.map((w) => img(`amend -o refcount_bits=${w} $D/a.qcow2`, AMEND, { images: ['a.qcow2'], after: ['qemu-img info $D/a.qcow2'] })),
   ...WIDTHS.map((w) => img(`amend -o refcount_bits=${w} $D/s.qcow2`, AMEND, { images: ['s.qcow2'], after: ['qemu-img info $D/s.qcow2', 'qemu-img snapshot -l $D/s.qcow2'] })),
+  // --- amend: progress spread over the operations as QEMU's helper callback does
+  img('amend -p -o compat=1.1,refcount_bits=4 $D/v2.qcow2', PROGRESS, { images: ['v2.qcow2'] }),
+  img('amend -p -o refcount_bits=32 $D/a.qcow2', PROGRESS, { images: ['a.qcow2'] }),
+  img('amend -p -o compat=0.10 $D/a.qcow2', PROGRESS, { images: ['a.qcow2'] }),
+  img('amend -p -o refcount_bits=16,compat=0.10 $D/a.qcow2', PROGRESS, { images: ['a.qcow2'] }),
+  img('amend -p -o refcount_bits=64,size=16M $D/a.qcow2', PROGRESS, { images: ['a.qcow2'], after: ['qemu-img info $D/a.qcow2'] }),
   // --- amend: errors
   img('amend -o compat=0.10 $D/ext.qcow2', AMEND, { images: ['ext.qcow2'] }),
   img('amend -o compat=0.10 $D/zstd.qcow2', AMEND, { images: ['zstd.qcow2'] }),

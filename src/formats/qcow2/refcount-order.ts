@@ -43,10 +43,16 @@ export async function changeRefcountOrder(s: Qcow2State, order: number, progress
   const fileClusters = Math.ceil((await bdrvGetLength(file.bs)) / cs);
   const scanEnd = Math.max(fileClusters, 0);
   const k = refcountKernel();
-  let walks = 0;
-  const walk = (i: number): void => progress?.(walks * oldTableSize + i, Math.max(walks + 2, 3) * oldTableSize);
+  // Progress as QEMU reports it: passes over the old refcount table ("walks"), each entry a unit. The first
+  // pass (this scan and the first allocation round) and every further allocation round count Math.max(walk + 2, 3)
+  // walks in all; the final pass that writes the new blocks knows it is the last.
+  const R = oldTableSize;
+  const report = (walk: number, entry: number, walks: number): void => progress?.(walk * R + entry, walks * R);
+  const fullWalk = (walk: number, walks: number): void => {
+    for (let j = 0; j < R; j++) report(walk, j, walks);
+  };
   for (let t = 0; t < oldTableSize; t++) {
-    walk(t);
+    report(0, t, 3);
     const blockOffset = old.tableEntry(t);
     if (blockOffset === 0) continue;
     for (let i = 0; i < old.blockEntries; i++) {
@@ -60,14 +66,15 @@ export async function changeRefcountOrder(s: Qcow2State, order: number, progress
     }
   }
   void scanEnd;
-  walks++;
 
   // Allocate (through the old structures) until the new blocks and table count everything, themselves included.
   const blocks = new Map<number, number>();
   let table: { offset: number; entries: number } | null = null;
   const allocated: number[] = [];
   try {
+    let walk = 0;
     for (;;) {
+      if (walk > 0) fullWalk(walk, Math.max(walk + 2, 3));
       let changed = false;
       for (const b of [...needed].sort((a, c) => a - c)) {
         if (blocks.has(b)) continue;
@@ -91,16 +98,16 @@ export async function changeRefcountOrder(s: Qcow2State, order: number, progress
         for (let c = 0; c < tableClusters; c++) needed.add(Math.floor((offset / cs + c) / newEntries));
         changed = true;
       }
-      walk(oldTableSize);
-      walks++;
+      report(walk, R, Math.max(walk + 2, 3));
+      walk++;
       if (!changed) break;
     }
+    fullWalk(walk, walk + 1);
 
     // Fill and write the new blocks from the old refcounts (which now include the new structures).
     const tableBuf = new Uint8Array((Math.ceil((table!.entries * 8) / cs) * cs));
     const tdv = new DataView(tableBuf.buffer);
     const sorted = [...blocks].sort((a, b) => a[0] - b[0]);
-    let done = 0;
     for (const [b, offset] of sorted) {
       const block = new Uint8Array(cs);
       for (let i = 0; i < newEntries; i++) {
@@ -109,9 +116,9 @@ export async function changeRefcountOrder(s: Qcow2State, order: number, progress
       }
       await bdrvPwritev(file, offset, cs, block);
       tdv.setBigUint64(8 * b, BigInt(offset));
-      progress?.(walks * oldTableSize + Math.floor((++done * oldTableSize) / Math.max(sorted.length, 1)), (walks + 1) * oldTableSize);
     }
     await bdrvPwritev(file, table!.offset, tableBuf.length, tableBuf);
+    report(walk, R, walk + 1);
     // The old structures must count the new ones on disk before the header can name them.
     await flushRefblocks(s);
     await bdrvFlush(file.bs);
