@@ -18,6 +18,33 @@ import type { Qcow2State } from './state.ts';
 /** Progress of one walk over the old refcount table: (done, total) in QEMU's units. */
 export type WalkProgress = (done: number, total: number) => void;
 
+/**
+ * Refcounts through the current (old) structures, keeping the last block at
+ * hand: the scans below visit clusters in order, so each block is looked up
+ * once instead of once per cluster.
+ */
+function sequentialReader(s: Qcow2State): (c: number) => Promise<number> {
+  const k = refcountKernel();
+  let index = -1;
+  let block: Uint8Array | null = null;
+  return async (c) => {
+    const E = s.refcount.blockEntries;
+    const b = Math.floor(c / E);
+    if (b !== index) {
+      // getRefcount validates the block offset and loads it into the cache; the buffer stays valid while we use it.
+      await getRefcount(s, c);
+      const off = b < s.refcount.tableSize ? s.refcount.tableEntry(b) : 0;
+      block = off !== 0 ? (s.refcountCache.peek(off) ?? null) : null;
+      index = b;
+      if (off !== 0 && !block) {
+        index = -1;
+        return getRefcount(s, c);
+      }
+    }
+    return block ? k.get(block, c - b * E, s.refcount.order) : 0;
+  };
+}
+
 /** Highest possible refcount for a width of 2^order bits. */
 function maxRefcount(order: number): number {
   return order === 6 ? Number.MAX_SAFE_INTEGER : 2 ** (1 << order) - 1;
@@ -55,9 +82,10 @@ export async function changeRefcountOrder(s: Qcow2State, order: number, progress
     report(0, t, 3);
     const blockOffset = old.tableEntry(t);
     if (blockOffset === 0) continue;
+    const read = sequentialReader(s);
     for (let i = 0; i < old.blockEntries; i++) {
       const c = t * old.blockEntries + i;
-      const rc = await getRefcount(s, c);
+      const rc = await read(c);
       if (rc === 0) continue;
       if (rc > newMax) {
         throw new BlockError('EINVAL', `Cannot decrease refcount entry width to ${2 ** order} bits: Cluster at offset ${hex(c * cs)} has a refcount of ${rc}`);
@@ -108,10 +136,11 @@ export async function changeRefcountOrder(s: Qcow2State, order: number, progress
     const tableBuf = new Uint8Array((Math.ceil((table!.entries * 8) / cs) * cs));
     const tdv = new DataView(tableBuf.buffer);
     const sorted = [...blocks].sort((a, b) => a[0] - b[0]);
+    const read = sequentialReader(s);
     for (const [b, offset] of sorted) {
       const block = new Uint8Array(cs);
       for (let i = 0; i < newEntries; i++) {
-        const rc = await getRefcount(s, b * newEntries + i);
+        const rc = await read(b * newEntries + i);
         if (rc !== 0) k.set(block, i, order, rc);
       }
       await bdrvPwritev(file, offset, cs, block);
