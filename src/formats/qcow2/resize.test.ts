@@ -71,6 +71,29 @@ describe('resize', () => {
     } finally {
       await o.close();
     }
+    // v3 snapshots record their own disk size: QEMU 7.2 resizes such images both ways, and so do we.
+    const v3 = `r${n++}.qcow2`;
+    const theirs = `r${n++}.qcow2`;
+    for (const i of [v3, theirs]) {
+      qemuImg(tmp.dir, 'create', '-f', 'qcow2', i, '1M');
+      qemuIo(tmp.dir, i, 'write -P 1 0 1M');
+      qemuImg(tmp.dir, 'snapshot', '-c', 's', i);
+      qemuIo(tmp.dir, i, 'write -P 2 512k 64k');
+    }
+    qemuImg(tmp.dir, 'resize', theirs, '2M');
+    qemuImg(tmp.dir, 'resize', '--shrink', theirs, '768k');
+    const o3 = await openQcow2(tmp.path(v3), { readOnly: false });
+    try {
+      await bdrvTruncate(o3.child, 2 * M, false);
+      await bdrvTruncate(o3.child, 768 * K, false);
+    } finally {
+      await o3.close();
+    }
+    expect(qemuImg(tmp.dir, 'check', v3)).toMatch(/No errors were found on the image/);
+    expect(raw(v3).equals(raw(theirs))).toBe(true);
+    qemuImg(tmp.dir, 'convert', '-l', 's', '-O', 'raw', v3, `${v3}.s.raw`);
+    qemuImg(tmp.dir, 'convert', '-l', 's', '-O', 'raw', theirs, `${theirs}.s.raw`);
+    expect(readFileSync(tmp.path(`${v3}.s.raw`)).equals(readFileSync(tmp.path(`${theirs}.s.raw`)))).toBe(true);
     const img2 = `r${n++}.qcow2`;
     qemuImg(tmp.dir, 'create', '-f', 'qcow2', img2, '1M');
     const o2 = await openQcow2(tmp.path(img2), { readOnly: false });
