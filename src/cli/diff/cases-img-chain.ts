@@ -182,6 +182,7 @@ export const CHAIN_CASES: DiffCase[] = [
   img('amend -p -o compat=v2 $D/a.qcow2', AMEND, { images: ['a.qcow2'] }),
   img('amend -o compat=1.1 $D/v2.qcow2', AMEND, { images: ['v2.qcow2'], after: ['qemu-img info $D/v2.qcow2'] }),
   img('amend -p -o compat=v3 $D/v2.qcow2', AMEND, { images: ['v2.qcow2'] }),
+  img('amend -o compat=1.1 $D/v2s.qcow2', ['qemu-img create -q -f qcow2 -o compat=0.10 $D/v2s.qcow2 1M', "qemu-io -c 'write -P 1 0 64k' $D/v2s.qcow2", 'qemu-img snapshot -c s $D/v2s.qcow2', "qemu-io -c 'write -P 2 0 64k' $D/v2s.qcow2"], { images: ['v2s.qcow2'], after: ['qemu-img info $D/v2s.qcow2', 'qemu-img convert -l s -O raw $D/v2s.qcow2 $D/s.raw'], files: ['s.raw'] }),
   img('amend -o compat=0.10 $D/s.qcow2', AMEND, { images: ['s.qcow2'], after: ['qemu-img info $D/s.qcow2', 'qemu-img snapshot -l $D/s.qcow2'] }),
   img('amend -o compat=0.10 $D/lazy.qcow2', AMEND, { images: ['lazy.qcow2'], after: ['qemu-img info $D/lazy.qcow2'] }),
   img('amend -o compat=0.10 $D/zstd-plain.qcow2', AMEND, { images: ['zstd-plain.qcow2'], after: ['qemu-img info $D/zstd-plain.qcow2'] }),
