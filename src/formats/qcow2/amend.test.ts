@@ -5,7 +5,7 @@
  * must be clean and `qemu-img compare` must find the active layer (and each
  * snapshot) unchanged against a copy taken before.
  */
-import { copyFileSync, readFileSync } from 'node:fs';
+import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { amendImage } from '../../core/img/amend.ts';
 import { HintedError } from '../../core/img/create.ts';
@@ -141,6 +141,32 @@ describe('qcow2 amend: compat', () => {
     expect(qemuImg(tmp.dir, 'map', '--output=json', v2)).not.toMatch(/"zero": true, "data": false, "offset"/);
     const v3 = await preserving(v2, ['s1', 's2'], (c) => amend(c, 'compat=1.1'));
     expect(specific(v3).compat).toBe('1.1');
+  });
+
+  it('upgrades a v2 image whose snapshot entries have no extra data, rewriting the table in the v3 layout', async () => {
+    const img = `old${n++}.qcow2`;
+    qemuImg(tmp.dir, 'create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', img, '1M');
+    qemuIo(tmp.dir, img, 'write -P 1 0 64k');
+    qemuImg(tmp.dir, 'snapshot', '-c', 'old', img);
+    qemuIo(tmp.dir, img, 'write -P 2 0 64k');
+    // Strip the entry's extra data, as programs older than QEMU 1.1 wrote v2 snapshots.
+    const bytes = readFileSync(tmp.path(img));
+    const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    const at = Number(dv.getBigUint64(64));
+    const extra = dv.getUint32(at + 36);
+    const idLen = dv.getUint16(at + 12);
+    const nameLen = dv.getUint16(at + 14);
+    const strings = Buffer.from(bytes.subarray(at + 40 + extra, at + 40 + extra + idLen + nameLen));
+    bytes.fill(0, at + 40, at + 40 + extra + idLen + nameLen);
+    strings.copy(bytes, at + 40);
+    dv.setUint32(at + 36, 0);
+    writeFileSync(tmp.path(img), bytes);
+    checkClean(img);
+    const before = snapshotBytes(img, 'old');
+    const copy = await preserving(img, ['old'], (c) => amend(c, 'compat=1.1'));
+    expect(specific(copy).compat).toBe('1.1');
+    expect(snapshotBytes(copy, 'old').equals(before)).toBe(true);
+    expect(qemuImg(tmp.dir, 'snapshot', '-l', copy)).toMatch(/\bold\b/);
   });
 
   it('turns zero clusters over a backing file into zeroed data clusters', async () => {

@@ -19,6 +19,7 @@ import { allocClusters, barrier, checkUsable, flushRefblocks, getRefcount, markC
 import { getHostOffset, SC } from './cluster.ts';
 import { AUTOCLEAR, COMPAT, COMPRESSION_TYPE, INCOMPAT, LIMITS, validateTable } from './header.ts';
 import { changeRefcountOrder } from './refcount-order.ts';
+import { writeSnapshotTable } from './snapshot-write.ts';
 import { entryOffset, hiWord, HI_COMPRESSED, HI_COPIED, LO_ZERO, loWord, offsetWords, setWords, state, type Qcow2State } from './state.ts';
 
 /** Operations QEMU's amend helper callback tells apart. */
@@ -224,8 +225,12 @@ async function upgrade(s: Qcow2State, target: number, status: (offset: number, w
   const h = s.header;
   status(0, 2);
   if (s.snapshots.some((sn) => sn.extraDataSize < V3_SNAPSHOT_EXTRA)) {
-    // The table would have to be rewritten in the v3 layout; this engine does not write snapshot tables here.
-    throw new BlockError('ENOTSUP', 'Failed to update the snapshot table: rewriting v2 snapshot entries without extra data is not supported by this engine');
+    // v3 requires each entry's 64-bit VM state size and disk size; the table writer always stores them.
+    try {
+      await writeSnapshotTable(s, s.snapshots.slice());
+    } catch (e) {
+      throw withErrno('Failed to update the snapshot table', e);
+    }
   }
   status(1, 2);
   const old = h.version;
