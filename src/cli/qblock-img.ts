@@ -9,7 +9,8 @@ import type { Graph } from '../core/graph.ts';
 import { mapImage, type MapEntry } from '../core/map.ts';
 import { amendImage } from '../core/img/amend.ts';
 import { runBench, type BenchParams } from '../core/img/bench.ts';
-import { runBitmapActions, type BitmapAction } from '../core/img/bitmap.ts';
+import { BitmapActionError, runBitmapActions, type BitmapAction } from '../core/img/bitmap.ts';
+import type { BlockNode } from '../core/node.ts';
 import { commitImage, rebaseImage } from '../core/img/chain.ts';
 import { checkImage, type CheckRepair, type ImageCheck } from '../core/img/check.ts';
 import { compareImages, CompareError } from '../core/img/compare.ts';
@@ -1418,11 +1419,15 @@ async function imgBitmap(img: Img, argv: readonly string[]): Promise<number> {
   let src: BlockBackend | null = null;
   try {
     if (srcFile !== undefined) src = await imgOpen(img, { imageOpts: false, filename: srcFile, fmt: srcFmt, readOnly: true, noBacking: true });
-    await runBitmapActions(blk.bs!, bitmap, actions);
+    const opts: { granularity?: number; sourceNode?: BlockNode } = {};
+    if (granularity) opts.granularity = granularity;
+    if (src) opts.sourceNode = src.bs!;
+    await runBitmapActions(blk.bs!, bitmap, actions, opts);
     return 0;
   } catch (e) {
     if (e instanceof Exit) throw e;
     img.report(toBlockError(e).message);
+    if (e instanceof BitmapActionError && e.hint !== undefined) img.io.stderr(e.hint);
     return 1;
   } finally {
     await src?.close();

@@ -153,6 +153,13 @@ export interface BlockDriver {
   /** True when a freshly created image reads as zeroes everywhere. */
   hasZeroInit?(bs: BlockNode): boolean;
 
+  /** Whether the image can hold persistent dirty bitmaps at all (QEMU's bdrv_supports_persistent_dirty_bitmap). */
+  supportsPersistentDirtyBitmap?(bs: BlockNode): boolean;
+  /** Throws QEMU's message unless a new persistent bitmap `name` could be stored (bdrv_co_can_store_new_dirty_bitmap). */
+  canStoreNewDirtyBitmap?(bs: BlockNode, name: string, granularity: number): Promise<void>;
+  /** Removes the named persistent bitmap from the image now; a missing one is not an error (bdrv_co_remove_persistent_dirty_bitmap). */
+  removePersistentDirtyBitmap?(bs: BlockNode, name: string): Promise<void>;
+
   drainBegin?(bs: BlockNode): void;
   drainEnd?(bs: BlockNode): void;
   reopenPrepare?(state: ReopenState): Promise<void>;

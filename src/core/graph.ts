@@ -4,6 +4,7 @@
  * gate through which names found inside images are opened, filter insertion,
  * node replacement, reopen transactions and closing in dependency order.
  */
+import { bdrvReleaseNamedDirtyBitmaps } from './dirty-bitmap.ts';
 import { BdrvChild, nodeParent, PermUpdate, childPermsFor, type ChildParent } from './child.ts';
 import type { BlockDriver, ReopenState } from './driver.ts';
 import { BlockError, isBlockError, toBlockError } from './errors.ts';
@@ -379,6 +380,7 @@ export class Graph {
     try {
       await bs.drv.close?.(bs);
     } catch (e) { first = e; }
+    bdrvReleaseNamedDirtyBitmaps(bs);
     bs.closing = true;
     for (const c of [...bs.children].reverse()) {
       try { await this.detachChild(c); } catch (e) { first ??= e; }

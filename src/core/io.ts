@@ -10,6 +10,7 @@ import type { BlockDriverInfo } from './driver.ts';
 import type { BlockNode, TrackedRequest } from './node.ts';
 import { BDRV_MAX_LENGTH, BLOCK, OPEN, PERM, REQ, type BlockStatus, type PreallocMode } from './types.ts';
 import { isZeroBuffer } from './zero.ts';
+import { bdrvDirtyBitmapTruncate, bdrvSetDirty } from './dirty-bitmap.ts';
 
 /** Largest bounce buffer used when emulating zero writes. */
 const MAX_ZERO_BOUNCE = 1 << 20;
@@ -293,9 +294,20 @@ async function writeReqPrepare(bs: BlockNode, offset: number, bytes: number, fla
   }
 }
 
-/** Bookkeeping after a write (QEMU's bdrv_co_write_req_finish). */
-function writeReqFinish(bs: BlockNode, offset: number, bytes: number): void {
+/** A failed write may have changed part of the range: QEMU marks it dirty all the same. */
+function writeFailed(bs: BlockNode, offset: number, bytes: number): void {
+  if (bs.dirtyBitmaps.length > 0 && bytes > 0) bdrvSetDirty(bs, offset, bytes);
+}
+
+/**
+ * Bookkeeping after a completed write, zero write or discard (QEMU's
+ * bdrv_co_write_req_finish): the range is marked in the node's enabled
+ * dirty bitmaps; discards do not move the highest written offset.
+ */
+function writeReqFinish(bs: BlockNode, offset: number, bytes: number, discard = false): void {
   bs.writeGen++;
+  if (bs.dirtyBitmaps.length > 0 && bytes > 0) bdrvSetDirty(bs, offset, bytes);
+  if (discard) return;
   const end = offset + bytes;
   if (end > bs.wrHighestOffset) bs.wrHighestOffset = end;
   if (end > bs.totalBytes && bs.drv.kind !== 'format') bs.totalBytes = sectorLength(end);
@@ -317,28 +329,33 @@ async function driverPwritev(bs: BlockNode, offset: number, bytes: number, buf: 
 
 /** Writes an aligned range (QEMU's bdrv_aligned_pwritev): hooks, detect-zeroes, split, FUA. */
 async function alignedPwritev(bs: BlockNode, _req: TrackedRequest | null, offset: number, bytes: number, align: number, buf: Uint8Array, flags: number, signal?: AbortSignal): Promise<void> {
-  await writeReqPrepare(bs, offset, bytes, flags);
-  if (bs.detectZeroes !== 'off' && !(flags & (REQ.ZERO_WRITE | REQ.WRITE_COMPRESSED)) && isZeroBuffer(buf.subarray(0, bytes))) {
-    flags |= REQ.ZERO_WRITE;
-    if (bs.detectZeroes === 'unmap' && bs.openFlags & OPEN.UNMAP) flags |= REQ.MAY_UNMAP;
-  }
-  if (flags & REQ.ZERO_WRITE) {
-    await bdrvDebugEvent(bs, 'pwritev_zero');
-    await doPwriteZeroes(bs, offset, bytes, flags);
-  } else if (flags & REQ.WRITE_COMPRESSED) {
-    await driverPwritev(bs, offset, bytes, buf, flags, signal);
-  } else {
-    await bdrvDebugEvent(bs, 'pwritev');
-    const maxTransfer = bs.bl.maxTransfer > 0 ? alignDown(bs.bl.maxTransfer, align) || align : bytes;
-    let done = 0;
-    while (done < bytes) {
-      throwIfAborted(signal);
-      const n = Math.min(bytes - done, maxTransfer);
-      await driverPwritev(bs, offset + done, n, buf.subarray(done, done + n), flags, signal);
-      done += n;
+  try {
+    await writeReqPrepare(bs, offset, bytes, flags);
+    if (bs.detectZeroes !== 'off' && !(flags & (REQ.ZERO_WRITE | REQ.WRITE_COMPRESSED)) && isZeroBuffer(buf.subarray(0, bytes))) {
+      flags |= REQ.ZERO_WRITE;
+      if (bs.detectZeroes === 'unmap' && bs.openFlags & OPEN.UNMAP) flags |= REQ.MAY_UNMAP;
     }
+    if (flags & REQ.ZERO_WRITE) {
+      await bdrvDebugEvent(bs, 'pwritev_zero');
+      await doPwriteZeroes(bs, offset, bytes, flags);
+    } else if (flags & REQ.WRITE_COMPRESSED) {
+      await driverPwritev(bs, offset, bytes, buf, flags, signal);
+    } else {
+      await bdrvDebugEvent(bs, 'pwritev');
+      const maxTransfer = bs.bl.maxTransfer > 0 ? alignDown(bs.bl.maxTransfer, align) || align : bytes;
+      let done = 0;
+      while (done < bytes) {
+        throwIfAborted(signal);
+        const n = Math.min(bytes - done, maxTransfer);
+        await driverPwritev(bs, offset + done, n, buf.subarray(done, done + n), flags, signal);
+        done += n;
+      }
+    }
+    await bdrvDebugEvent(bs, 'pwritev_done');
+  } catch (e) {
+    writeFailed(bs, offset, bytes);
+    throw e;
   }
-  await bdrvDebugEvent(bs, 'pwritev_done');
   writeReqFinish(bs, offset, bytes);
 }
 
@@ -463,10 +480,15 @@ async function zeroPwritev(bs: BlockNode, req: TrackedRequest, offset: number, b
   }
   const midEnd = alignDown(end, align);
   if (midEnd > pos) {
-    await writeReqPrepare(bs, pos, midEnd - pos, flags);
-    await bdrvDebugEvent(bs, 'pwritev_zero');
-    await doPwriteZeroes(bs, pos, midEnd - pos, flags);
-    await bdrvDebugEvent(bs, 'pwritev_done');
+    try {
+      await writeReqPrepare(bs, pos, midEnd - pos, flags);
+      await bdrvDebugEvent(bs, 'pwritev_zero');
+      await doPwriteZeroes(bs, pos, midEnd - pos, flags);
+      await bdrvDebugEvent(bs, 'pwritev_done');
+    } catch (e) {
+      writeFailed(bs, pos, midEnd - pos);
+      throw e;
+    }
     writeReqFinish(bs, pos, midEnd - pos);
     pos = midEnd;
   }
@@ -589,7 +611,7 @@ export async function bdrvPdiscard(child: BdrvChild, offset: number, bytes: numb
       }
       pos += num;
     }
-    writeReqFinish(bs, offset, 0);
+    writeReqFinish(bs, offset, bytes, true);
   } finally {
     trackEnd(bs, req);
     bs.decInFlight();
@@ -669,6 +691,7 @@ export async function bdrvTruncate(child: BdrvChild, offset: number, exact: bool
       throw new BlockError('ENOTSUP', 'Image format driver does not support resize', { node: bs.nodeName });
     }
     await refreshTotalBytes(bs);
+    if (bs.dirtyBitmaps.length > 0) bdrvDirtyBitmapTruncate(bs, bs.totalBytes);
     bs.writeGen++;
     if (bs.wrHighestOffset > bs.totalBytes) bs.wrHighestOffset = bs.totalBytes;
     for (const p of bs.parents) p.parent.resized?.();

@@ -5,6 +5,7 @@
 import type { BlockDriver } from './driver.ts';
 import type { BdrvChild } from './child.ts';
 import type { Graph } from './graph.ts';
+import type { BdrvDirtyBitmap } from './dirty-bitmap.ts';
 import { BlockError } from './errors.ts';
 import { defaultLimits, OPEN, type BlockLimits, type DetectZeroes } from './types.ts';
 
@@ -98,6 +99,8 @@ export class BlockNode {
   readonly opBlockers = new Map<BlockOp, Set<string>>();
   /** Node is being closed; new requests fail. */
   closing = false;
+  /** Dirty bitmaps every completed write marks while enabled (QEMU's bs->dirty_bitmaps). */
+  readonly dirtyBitmaps: BdrvDirtyBitmap[] = [];
 
   constructor(graph: Graph, drv: BlockDriver, nodeName: string, autoNamed: boolean, flags: number, options: Record<string, unknown>) {
     this.graph = graph;

@@ -1,11 +1,22 @@
 /**
- * Persistent dirty bitmap operations of `qemu-img bitmap`. The engine has
- * no driver hook for storing bitmaps yet (qcow2 reads the bitmap directory
- * for `info` only), so every operation fails with the error QEMU gives for
- * a driver that cannot store bitmaps, or for a bitmap that does not exist,
- * whichever QEMU would report first.
+ * Dirty bitmap management as QEMU's QMP commands do it (blockdev.c /
+ * block/monitor/bitmap-qmp-cmds.c: block-dirty-bitmap-add, -remove, -clear,
+ * -enable, -disable, -merge), and `qemu-img bitmap`, which runs them in
+ * command-line order on one image. Persistent bitmaps reach the image
+ * through the format driver's hooks; the driver stores them on close.
  */
-import { BlockError } from '../errors.ts';
+import { BlockError, toBlockError } from '../errors.ts';
+import {
+  BITMAP_CHECK,
+  bdrvClearDirtyBitmap,
+  bdrvCreateDirtyBitmap,
+  bdrvDirtyBitmapCheck,
+  bdrvFindDirtyBitmap,
+  bdrvMergeDirtyBitmap,
+  bdrvReleaseDirtyBitmap,
+  type BdrvDirtyBitmap,
+} from '../dirty-bitmap.ts';
+import { bdrvGetInfo } from '../io.ts';
 import type { BlockNode } from '../node.ts';
 
 /** One requested action, in command-line order. */
@@ -15,26 +26,118 @@ export interface BitmapAction {
   source?: string;
 }
 
-/** Bitmap names the image records (from its format-specific info), for "not found" decisions. */
-async function storedBitmaps(bs: BlockNode): Promise<string[]> {
-  const spec = await bs.drv.getSpecificInfo?.(bs);
-  const list = spec?.data.bitmaps;
-  if (!Array.isArray(list)) return [];
-  return list.map((b) => (b && typeof b === 'object' && 'name' in b ? String((b as { name: unknown }).name) : '')).filter((n) => n !== '');
+/** Options of runBitmapActions. */
+export interface BitmapActionOptions {
+  /** -g for --add (0 = the driver's default). */
+  granularity?: number;
+  /** The node merge sources are looked up in (-b); defaults to the image itself. */
+  sourceNode?: BlockNode;
 }
 
-/** Runs the actions on `bs`; throws at the first that fails with "Operation <op> on bitmap <name> failed: …". */
-export async function runBitmapActions(bs: BlockNode, name: string, actions: BitmapAction[]): Promise<void> {
-  const existing = await storedBitmaps(bs);
-  for (const a of actions) {
-    const fail = (msg: string): never => {
-      throw new BlockError('ENOTSUP', `Operation ${a.op} on bitmap ${name} failed: ${msg}`);
-    };
-    if (a.op === 'add') {
-      if (existing.includes(name)) fail(`Bitmap already exists: ${name}`);
-      fail(`Can't store persistent bitmaps to ${bs.displayName}: Operation not supported`);
+/** QEMU's bdrv_get_default_bitmap_granularity: the cluster size clamped to [4 KiB, 64 KiB], else 64 KiB. */
+export async function defaultBitmapGranularity(bs: BlockNode): Promise<number> {
+  try {
+    const info = await bdrvGetInfo(bs);
+    if (info.clusterSize) return Math.min(65536, Math.max(4096, info.clusterSize));
+  } catch {
+    // No driver information: QEMU's default.
+  }
+  return 65536;
+}
+
+/** The named bitmap or QEMU's "not found" error (block_dirty_bitmap_lookup). */
+export function lookupDirtyBitmap(bs: BlockNode, name: string): BdrvDirtyBitmap {
+  const bm = bdrvFindDirtyBitmap(bs, name);
+  if (!bm) throw new BlockError('ENOENT', `Dirty bitmap '${name}' not found`);
+  return bm;
+}
+
+/** block-dirty-bitmap-add: checks the name, granularity and (for persistent bitmaps) the driver, then creates it. */
+export async function blockDirtyBitmapAdd(bs: BlockNode, name: string, opts: { granularity?: number; persistent?: boolean; disabled?: boolean } = {}): Promise<BdrvDirtyBitmap> {
+  if (name === '') throw new BlockError('EINVAL', 'Bitmap name cannot be empty');
+  let granularity = opts.granularity ?? 0;
+  if (opts.granularity !== undefined) {
+    if (granularity < 512 || (granularity & (granularity - 1)) !== 0 || granularity > 2 ** 31) {
+      throw new BlockError('EINVAL', 'Granularity must be power of 2 and at least 512');
     }
-    if (!existing.includes(name)) fail(`Dirty bitmap '${name}' not found`);
-    fail(`the ${bs.drv.name} driver of this engine cannot modify persistent dirty bitmaps yet: Operation not supported`);
+  } else {
+    granularity = await defaultBitmapGranularity(bs);
+  }
+  if (opts.persistent) {
+    if (!bs.drv.canStoreNewDirtyBitmap) throw new BlockError('ENOTSUP', `Can't store persistent bitmaps to ${bs.displayName}: Operation not supported`);
+    if (bdrvFindDirtyBitmap(bs, name)) throw new BlockError('EINVAL', `Bitmap already exists: ${name}`);
+    await bs.drv.canStoreNewDirtyBitmap(bs, name, granularity);
+  }
+  const bm = bdrvCreateDirtyBitmap(bs, granularity, name);
+  if (opts.disabled) bm.disabled = true;
+  bm.persistent = opts.persistent ?? false;
+  return bm;
+}
+
+/** block-dirty-bitmap-remove: a persistent bitmap leaves the image at once. */
+export async function blockDirtyBitmapRemove(bs: BlockNode, name: string): Promise<void> {
+  const bm = lookupDirtyBitmap(bs, name);
+  bdrvDirtyBitmapCheck(bm, BITMAP_CHECK.BUSY | BITMAP_CHECK.RO);
+  if (bm.persistent) await bs.drv.removePersistentDirtyBitmap?.(bs, name);
+  bdrvReleaseDirtyBitmap(bm);
+}
+
+/** block-dirty-bitmap-clear. */
+export function blockDirtyBitmapClear(bs: BlockNode, name: string): void {
+  bdrvClearDirtyBitmap(lookupDirtyBitmap(bs, name));
+}
+
+/** block-dirty-bitmap-enable / -disable. */
+export function blockDirtyBitmapSetEnabled(bs: BlockNode, name: string, enabled: boolean): void {
+  const bm = lookupDirtyBitmap(bs, name);
+  bdrvDirtyBitmapCheck(bm, BITMAP_CHECK.ALLOW_RO);
+  bm.disabled = !enabled;
+}
+
+/**
+ * block-dirty-bitmap-merge with one source: the sources are merged into an
+ * anonymous bitmap first, so `dst` is unchanged when a source fails.
+ */
+export function blockDirtyBitmapMerge(bs: BlockNode, dstName: string, srcNode: BlockNode, srcName: string): void {
+  const dst = lookupDirtyBitmap(bs, dstName);
+  const anon = bdrvCreateDirtyBitmap(bs, dst.granularity, null);
+  try {
+    const src = lookupDirtyBitmap(srcNode, srcName);
+    bdrvMergeDirtyBitmap(anon, src);
+    bdrvMergeDirtyBitmap(dst, anon);
+  } finally {
+    bdrvReleaseDirtyBitmap(anon);
+  }
+}
+
+/** The error of a failed `qemu-img bitmap` action; `hint` is QEMU's extra line, if any. */
+export class BitmapActionError extends BlockError {
+  hint?: string;
+}
+
+/** Runs the actions of `qemu-img bitmap` on `bs` in order; throws at the first that fails with "Operation <op> on bitmap <name> failed: …". */
+export async function runBitmapActions(bs: BlockNode, name: string, actions: BitmapAction[], opts: BitmapActionOptions = {}): Promise<void> {
+  for (const a of actions) {
+    try {
+      switch (a.op) {
+        case 'add': {
+          const o: { granularity?: number; persistent: boolean; disabled: boolean } = { persistent: true, disabled: false };
+          if (opts.granularity) o.granularity = opts.granularity;
+          await blockDirtyBitmapAdd(bs, name, o);
+          break;
+        }
+        case 'remove': await blockDirtyBitmapRemove(bs, name); break;
+        case 'clear': blockDirtyBitmapClear(bs, name); break;
+        case 'enable': blockDirtyBitmapSetEnabled(bs, name, true); break;
+        case 'disable': blockDirtyBitmapSetEnabled(bs, name, false); break;
+        case 'merge': blockDirtyBitmapMerge(bs, name, opts.sourceNode ?? bs, a.source!); break;
+      }
+    } catch (e) {
+      const be = toBlockError(e);
+      const err = new BitmapActionError(be.code, `Operation ${a.op} on bitmap ${name} failed: ${be.message}`, { cause: e });
+      const hint = (be as BlockError & { hint?: string }).hint;
+      if (hint !== undefined) err.hint = hint;
+      throw err;
+    }
   }
 }

@@ -7,6 +7,7 @@
  * cluster is referenced exactly once, so `qemu-img check` finds neither
  * leaks nor errors.
  */
+import { persistentBitmapsSize } from './bitmap-store.ts';
 import { BdrvChild } from '../../core/child.ts';
 import type { CreateContext, MeasureInfo, ProgressFn } from '../../core/driver.ts';
 import { BlockError, isBlockError } from '../../core/errors.ts';
@@ -522,5 +523,8 @@ export async function measureQcow2(opts: CreateOptions, src: BlockNode | null, s
   }
   if (prealloc === 'full' || prealloc === 'falloc') required = virtualSize;
   const fullyAllocated = calcPreallocSize(virtualSize, clusterSize, refcountOrder, extendedL2);
-  return { required: fullyAllocated - virtualSize + required, fullyAllocated };
+  const info: MeasureInfo = { required: fullyAllocated - virtualSize + required, fullyAllocated };
+  // QEMU reports the bitmaps line whenever both images could hold persistent bitmaps, even as 0.
+  if (version >= 3 && src && src.drv.supportsPersistentDirtyBitmap?.(src)) info.bitmaps = persistentBitmapsSize(src, clusterSize);
+  return info;
 }

@@ -17,6 +17,7 @@ import { BDRV_MAX_LENGTH, BLOCK, OPEN, REQ, ROLE, type BlockdevOptions, type Blo
 import { CACHE_OPTIONS, computeCacheSizes, MetadataCache } from './cache.ts';
 import { getHostOffset, parseCompressedEntry, SC, type HostMapping, type L2Geometry, type MappingContext } from './cluster.ts';
 import { bitmapInfoList, readBitmapDirectory } from './bitmap.ts';
+import { persistentBitmapsSize, qcow2CanStoreNewDirtyBitmap, qcow2LoadDirtyBitmaps, qcow2RemovePersistentDirtyBitmap, qcow2ReopenBitmapsRo, qcow2ReopenBitmapsRw, qcow2StorePersistentDirtyBitmaps } from './bitmap-store.ts';
 import { decompressCluster } from './compress.ts';
 import { AMEND_OPTIONS, CREATE_OPTIONS, measureQcow2, qcow2Create } from './create.ts';
 import { qcow2Amend } from './amend.ts';
@@ -256,9 +257,6 @@ async function qcow2Open(bs: BlockNode, options: Record<string, unknown>, flags:
   }
 
   const needHeaderUpdate = ext.staleBitmaps || (h.autoclearFeatures & ~AUTOCLEAR.MASK) !== 0n;
-  if (rw && ext.bitmaps && !(flags & OPEN.INACTIVE)) {
-    throw new BlockError('ENOTSUP', 'qcow2: images with persistent dirty bitmaps can only be opened read-only (bitmap support is not implemented yet)');
-  }
 
   const geometry: L2Geometry = { clusterBits: h.clusterBits, subclusterBits: Math.log2(subclusterSize), extended: extendedL2, hasDataFile };
   const l2SliceEntries = sizes.l2EntrySize / l2EntryBytes;
@@ -334,6 +332,12 @@ async function qcow2Open(bs: BlockNode, options: Record<string, unknown>, flags:
     // Unknown autoclear bits must go: a program that does not know them may have invalidated what they describe.
     h.autoclearFeatures &= AUTOCLEAR.MASK;
     if (ext.staleBitmaps) delete ext.bitmaps;
+  }
+  // Bitmaps cover the disk: their size comes from the node's length.
+  bs.totalBytes = virtualSize;
+  let headerUpdated = false;
+  if (!(flags & OPEN.INACTIVE)) headerUpdated = await qcow2LoadDirtyBitmaps(bs, s);
+  if (needHeaderUpdate && rw && !headerUpdated) {
     try {
       await updateHeader(bs, s);
     } catch (e) {
@@ -411,11 +415,11 @@ async function qcow2ReopenPrepare(rs: ReopenState): Promise<void> {
       // The repair needs write access to the file, which a node being reopened does not have yet.
       throw new BlockError('ENOTSUP', 'Could not repair dirty image: open the image read-write (not through a reopen) to repair its refcounts');
     }
-    if (s.ext.bitmaps) throw new BlockError('ENOTSUP', 'qcow2: images with persistent dirty bitmaps can only be opened read-only (bitmap support is not implemented yet)');
   }
   if (!bs.readOnly && !s.broken) {
     // Everything cached goes to disk first: the caches may be replaced, or the image become read-only.
     await s.lock.run(async () => {
+      if (rs.readOnly) await qcow2ReopenBitmapsRo(bs, s);
       await writeback(s);
       await barrier(s);
       if (rs.readOnly && s.dirtyMarked) await markClean(s);
@@ -423,6 +427,10 @@ async function qcow2ReopenPrepare(rs: ReopenState): Promise<void> {
   }
   const r: Qcow2Reopen = { options, sizes, choices };
   rs.opaque = r;
+  if (!rs.readOnly && bs.readOnly) {
+    // QEMU does this after the commit; the bitmaps need the file writable, which the reopen has made it by now.
+    await s.lock.run(() => qcow2ReopenBitmapsRw(bs, s));
+  }
 }
 
 /** Applies a prepared reopen: new caches when their geometry changed (prepare wrote every dirty entry back). */
@@ -591,6 +599,11 @@ export const qcow2Driver: BlockDriver = {
       if (!bs.readOnly && !s.broken && bs.file) {
         // A clean close leaves nothing pending and, with lazy refcounts, the dirty bit cleared (QEMU's qcow2_inactivate).
         await s.lock.run(async () => {
+          try {
+            await qcow2StorePersistentDirtyBitmaps(bs, s, true);
+          } catch (e) {
+            bs.graph.onWarning(`Lost persistent bitmaps during inactivation of node '${bs.displayName}': ${toBlockError(e).message}`);
+          }
           await writeback(s);
           await barrier(s);
           if (s.dirtyMarked) await markClean(s);
@@ -683,6 +696,12 @@ export const qcow2Driver: BlockDriver = {
   changeBackingFile: qcow2ChangeBackingFile,
   makeEmpty: qcow2MakeEmpty,
   amend: qcow2Amend,
+
+  supportsPersistentDirtyBitmap: (bs) => state(bs).header.version >= 3,
+  async canStoreNewDirtyBitmap(bs, name, granularity) {
+    qcow2CanStoreNewDirtyBitmap(bs, state(bs), name, granularity);
+  },
+  removePersistentDirtyBitmap: (bs, name) => qcow2RemovePersistentDirtyBitmap(bs, state(bs), name),
 
   reopenPrepare: qcow2ReopenPrepare,
   reopenCommit: qcow2ReopenCommit,

@@ -13,6 +13,7 @@
  * references the old entries held are queued and dropped at the next
  * writeback, after the new entries are on disk (see alloc.ts).
  */
+import { qcow2TruncateBitmapsCheck } from './bitmap-store.ts';
 import { BlockError, isBlockError, toBlockError } from '../../core/errors.ts';
 import { bdrvBlockStatusAbove, bdrvPwritev, bdrvPwriteZeroes, bdrvTruncate, bdrvGetLength } from '../../core/io.ts';
 import type { BlockNode } from '../../core/node.ts';
@@ -733,6 +734,7 @@ export async function qcow2Truncate(bs: BlockNode, offset: number, exact: boolea
   if (offset % 512 !== 0) throw new BlockError('EINVAL', 'The new size must be a multiple of 512', { node: bs.nodeName });
   // QEMU 7.2 resizes v3 images with snapshots (each snapshot keeps its own disk size); v2 has no room to record that.
   if (s.snapshots.length > 0 && s.header.version < 3) throw new BlockError('ENOTSUP', "Can't resize a v2 image which has snapshots", { node: bs.nodeName });
+  await qcow2TruncateBitmapsCheck(bs, s);
   const old = s.header.size;
   const cs = s.clusterSize;
   const newL1 = Math.ceil(offset / (cs * s.l2Entries));
