@@ -9,7 +9,7 @@ import type { Graph } from '../core/graph.ts';
 import { mapImage, type MapEntry } from '../core/map.ts';
 import { amendImage } from '../core/img/amend.ts';
 import { runBench, type BenchParams } from '../core/img/bench.ts';
-import { BitmapActionError, runBitmapActions, type BitmapAction } from '../core/img/bitmap.ts';
+import { BitmapActionError, convertCopyBitmaps, runBitmapActions, type BitmapAction } from '../core/img/bitmap.ts';
 import type { BlockNode } from '../core/node.ts';
 import { commitImage, rebaseImage } from '../core/img/chain.ts';
 import { checkImage, type CheckRepair, type ImageCheck } from '../core/img/check.ts';
@@ -767,8 +767,15 @@ async function imgConvert(img: Img, argv: readonly string[]): Promise<number> {
       }
     }
     if (bitmaps) {
-      img.report('Source lacks bitmap support');
-      return 1;
+      if (sources.length > 1) {
+        img.report('Copying bitmaps only possible with single source');
+        return 1;
+      }
+      const sbs = sources[0]!.blk.bs!;
+      if (!sbs.drv.supportsPersistentDirtyBitmap?.(sbs)) {
+        img.report('Source lacks bitmap support');
+        return 1;
+      }
     }
     let set: CreateOptionSet | null = null;
     if (!skipCreate) {
@@ -861,6 +868,10 @@ async function imgConvert(img: Img, argv: readonly string[]): Promise<number> {
     }
     target = await imgOpen(img, { imageOpts: tgtImageOpts, filename: outFilename, fmt: outFmt, readOnly: false, cache, unmap: minSparse > 0, quiet, resize: false });
     const out = target.bs!;
+    if (bitmaps && !out.drv.supportsPersistentDirtyBitmap?.(out)) {
+      img.report(`Format driver '${out.drv.name}' does not support bitmaps`);
+      return 1;
+    }
     if (compressed && !out.drv.pwritevCompressed) {
       img.report('Compression not supported for this file format');
       return 1;
@@ -898,6 +909,15 @@ async function imgConvert(img: Img, argv: readonly string[]): Promise<number> {
     } catch (e) {
       img.report(e instanceof ConvertError ? e.message : toBlockError(e).message);
       return 1;
+    }
+    if (bitmaps) {
+      try {
+        await convertCopyBitmaps(sources[0]!.blk.bs!, out, skipBroken, (m) => img.report(`warning: ${m}`));
+      } catch (e) {
+        img.report(toBlockError(e).message);
+        if (e instanceof BitmapActionError && e.hint !== undefined) img.io.stderr(e.hint);
+        return 1;
+      }
     }
     ok = true;
     return 0;

@@ -141,3 +141,36 @@ export async function runBitmapActions(bs: BlockNode, name: string, actions: Bit
     }
   }
 }
+
+/**
+ * Copies the persistent bitmaps of `src` to `dst` after a convert
+ * (qemu-img's convert_copy_bitmaps): each is created with the source's
+ * granularity and enablement, then filled by a merge. Inconsistent bitmaps
+ * are skipped with a warning when `skipBroken`, else they fail the merge;
+ * a bitmap that cannot be filled is removed again.
+ */
+export async function convertCopyBitmaps(src: BlockNode, dst: BlockNode, skipBroken: boolean, warn: (msg: string) => void): Promise<void> {
+  for (const bm of [...src.dirtyBitmaps]) {
+    if (!bm.persistent || bm.name === null) continue;
+    const name = bm.name;
+    if (skipBroken && bm.inconsistent) {
+      warn(`Skipping inconsistent bitmap '${name}'`);
+      continue;
+    }
+    try {
+      await blockDirtyBitmapAdd(dst, name, { granularity: bm.granularity, persistent: true, disabled: !bm.enabled });
+    } catch (e) {
+      throw new BitmapActionError(toBlockError(e).code, `Failed to create bitmap ${name}: ${toBlockError(e).message}`, { cause: e });
+    }
+    try {
+      blockDirtyBitmapMerge(dst, name, src, name);
+    } catch (e) {
+      const be = toBlockError(e);
+      const err = new BitmapActionError(be.code, `Failed to populate bitmap ${name}: ${be.message}`, { cause: e });
+      const hint = (be as BlockError & { hint?: string }).hint;
+      if (hint !== undefined) err.hint = hint;
+      await blockDirtyBitmapRemove(dst, name).catch(() => undefined);
+      throw err;
+    }
+  }
+}
