@@ -89,6 +89,7 @@ export class BdrvDirtyBitmap {
    * range that covers part of a granule clears the whole granule, as QEMU does.
    */
   resetDirty(offset: number, bytes: number): void {
+    if (bytes <= 0) return;
     const g = this.granularity;
     const start = Math.floor(offset / g) * g;
     const end = Math.min(Math.ceil((offset + bytes) / g) * g, this.size);
