@@ -1,6 +1,6 @@
 /**
  * Open-mode behaviour of the qcow2 driver: read-write opens, feature bits
- * (dirty, autoclear, bitmaps), writes refused until the write path exists,
+ * (dirty, autoclear, bitmaps in use while open), writes refused until the write path exists,
  * format-specific info against qemu-img info, the implicit-open gate, and
  * block-status details.
  */
@@ -132,13 +132,19 @@ describe('read-write opens', () => {
     await o2.close();
   });
 
-  it('opens images with persistent bitmaps read-only only', async () => {
+  it('opens images with persistent bitmaps read-write, marking them in use until close', async () => {
     const img = image();
     qemuImg(tmp.dir, 'bitmap', '--add', img, 'b0');
     expect(await openError(img, true)).toBeNull();
-    const rw = await openError(img, false);
-    expect(rw?.code).toBe('ENOTSUP');
-    expect(rw?.message).toMatch(/bitmap/);
+    const flags = (): unknown => (JSON.parse(qemuImg(tmp.dir, 'info', '-U', '--output=json', img)) as { 'format-specific': { data: { bitmaps: Array<{ flags: string[] }> } } })['format-specific'].data.bitmaps[0]!.flags;
+    const o = await openQcow2(tmp.path(img), { readOnly: false });
+    try {
+      expect(o.bs.dirtyBitmaps.map((b) => b.name)).toEqual(['b0']);
+      expect(flags()).toEqual(['in-use', 'auto']);
+    } finally {
+      await o.close();
+    }
+    expect(flags()).toEqual(['auto']);
   });
 });
 
