@@ -9,7 +9,7 @@ import type { Graph } from '../core/graph.ts';
 import { mapImage, type MapEntry } from '../core/map.ts';
 import { amendImage } from '../core/img/amend.ts';
 import { runBench, type BenchParams } from '../core/img/bench.ts';
-import { BitmapActionError, convertCopyBitmaps, runBitmapActions, type BitmapAction } from '../core/img/bitmap.ts';
+import { convertCheckBitmaps, convertCopyBitmaps, runBitmapActions, type BitmapAction } from '../core/img/bitmap.ts';
 import type { BlockNode } from '../core/node.ts';
 import { commitImage, rebaseImage } from '../core/img/chain.ts';
 import { checkImage, type CheckRepair, type ImageCheck } from '../core/img/check.ts';
@@ -776,6 +776,12 @@ async function imgConvert(img: Img, argv: readonly string[]): Promise<number> {
         img.report('Source lacks bitmap support');
         return 1;
       }
+      try {
+        convertCheckBitmaps(sbs, skipBroken, PROG);
+      } catch (e) {
+        reportErr(img, '', e);
+        return 1;
+      }
     }
     let set: CreateOptionSet | null = null;
     if (!skipCreate) {
@@ -914,8 +920,7 @@ async function imgConvert(img: Img, argv: readonly string[]): Promise<number> {
       try {
         await convertCopyBitmaps(sources[0]!.blk.bs!, out, skipBroken, (m) => img.report(`warning: ${m}`));
       } catch (e) {
-        img.report(toBlockError(e).message);
-        if (e instanceof BitmapActionError && e.hint !== undefined) img.io.stderr(e.hint);
+        reportErr(img, '', e);
         return 1;
       }
     }
@@ -1033,7 +1038,7 @@ async function imgResize(img: Img, argv0: readonly string[]): Promise<number> {
     img.q(quiet, 'Image resized.\n');
     return 0;
   } catch (e) {
-    img.report(toBlockError(e).message);
+    reportErr(img, '', e);
     if (e instanceof ShrinkRefused) img.report(`warning: ${SHRINK_WARNING}`);
     return 1;
   } finally {
@@ -1440,14 +1445,15 @@ async function imgBitmap(img: Img, argv: readonly string[]): Promise<number> {
   try {
     if (srcFile !== undefined) src = await imgOpen(img, { imageOpts: false, filename: srcFile, fmt: srcFmt, readOnly: true, noBacking: true });
     const opts: { granularity?: number; sourceNode?: BlockNode } = {};
-    if (granularity) opts.granularity = granularity;
+    // qemu-img hands the size to QMP as a 32-bit value: 4G wraps to 0 (refused), 6G to 2G.
+    if (granularity) opts.granularity = granularity % 2 ** 32;
     if (src) opts.sourceNode = src.bs!;
     await runBitmapActions(blk.bs!, bitmap, actions, opts);
     return 0;
   } catch (e) {
     if (e instanceof Exit) throw e;
     img.report(toBlockError(e).message);
-    if (e instanceof BitmapActionError && e.hint !== undefined) img.io.stderr(e.hint);
+    if (e instanceof HintedError) img.io.stderr(e.hint);
     return 1;
   } finally {
     await src?.close();

@@ -8,7 +8,7 @@
  * read-only image: may not change), busy (in use by an operation).
  * No format knowledge here: drivers load and store persistent bitmaps.
  */
-import { BlockError } from './errors.ts';
+import { BlockError, HintedError } from './errors.ts';
 import { HBitmap, type DirtyArea } from './hbitmap.ts';
 import type { BlockNode } from './node.ts';
 
@@ -152,7 +152,7 @@ export class BdrvDirtyBitmap {
   }
 }
 
-/** The node's bitmaps, in creation order. */
+/** The node's bitmaps, newest first. */
 export function dirtyBitmaps(bs: BlockNode): readonly BdrvDirtyBitmap[] {
   return bs.dirtyBitmaps;
 }
@@ -177,7 +177,8 @@ export function bdrvCreateDirtyBitmap(bs: BlockNode, granularity: number, name: 
     if (new TextEncoder().encode(name).length > BITMAP_MAX_NAME_SIZE) throw new BlockError('EINVAL', `Bitmap name too long: ${name}`);
   }
   const bm = new BdrvDirtyBitmap(bs, name, bs.totalBytes, granularity);
-  bs.dirtyBitmaps.push(bm);
+  // Newest first, as QEMU's list: the order decides which bitmap a copy or a store meets first.
+  bs.dirtyBitmaps.unshift(bm);
   return bm;
 }
 
@@ -197,8 +198,8 @@ export function bdrvReleaseNamedDirtyBitmaps(bs: BlockNode): void {
 
 /**
  * Throws QEMU's message when the bitmap has a property `flags` forbids
- * (bdrv_dirty_bitmap_check); an inconsistent bitmap's error carries QEMU's
- * hint in `hint`.
+ * (bdrv_dirty_bitmap_check); an inconsistent bitmap's error is a
+ * HintedError with QEMU's hint.
  */
 export function bdrvDirtyBitmapCheck(bm: BdrvDirtyBitmap, flags: number): void {
   const name = bm.name ?? '';
@@ -207,9 +208,7 @@ export function bdrvDirtyBitmapCheck(bm: BdrvDirtyBitmap, flags: number): void {
   }
   if (flags & BITMAP_CHECK.RO && bm.readonly) throw new BlockError('EPERM', `Bitmap '${name}' is readonly and cannot be modified`);
   if (flags & BITMAP_CHECK.INCONSISTENT && bm.inconsistent) {
-    const e = new BlockError('EINVAL', `Bitmap '${name}' is inconsistent and cannot be used`);
-    (e as BlockError & { hint?: string }).hint = 'Try block-dirty-bitmap-remove to delete this bitmap from disk\n';
-    throw e;
+    throw new HintedError('EINVAL', `Bitmap '${name}' is inconsistent and cannot be used`, 'Try block-dirty-bitmap-remove to delete this bitmap from disk\n');
   }
 }
 
@@ -230,7 +229,9 @@ export function bdrvClearDirtyBitmap(bm: BdrvDirtyBitmap): void {
 export function bdrvMergeDirtyBitmap(dst: BdrvDirtyBitmap, src: BdrvDirtyBitmap): void {
   bdrvDirtyBitmapCheck(dst, BITMAP_CHECK.DEFAULT);
   bdrvDirtyBitmapCheck(src, BITMAP_CHECK.ALLOW_RO);
-  if (src.size !== dst.size) throw new BlockError('EINVAL', 'Bitmaps are of different sizes');
+  if (src.size !== dst.size) {
+    throw new BlockError('EINVAL', `Bitmaps are of different sizes (destination size is ${dst.size}, source size is ${src.size}) and can't be merged`);
+  }
   dst.hbitmap.merge(src.hbitmap);
 }
 

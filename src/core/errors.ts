@@ -131,3 +131,13 @@ export function toBlockError(e: unknown, fallback: ErrnoCode = 'EIO', node?: str
 export function throwIfAborted(signal?: AbortSignal): void {
   if (signal?.aborted) throw new BlockError('ECANCELED');
 }
+
+/**
+ * An error with a hint (QEMU's error_append_hint): tools print the message
+ * as an error line and the hint verbatim after it.
+ */
+export class HintedError extends BlockError {
+  constructor(code: BlockError['code'], message: string, readonly hint: string, cause?: unknown) {
+    super(code, message, cause !== undefined ? { cause } : {});
+  }
+}

@@ -99,7 +99,7 @@ export class BlockNode {
   readonly opBlockers = new Map<BlockOp, Set<string>>();
   /** Node is being closed; new requests fail. */
   closing = false;
-  /** Dirty bitmaps every completed write marks while enabled (QEMU's bs->dirty_bitmaps). */
+  /** Dirty bitmaps every completed write marks while enabled, newest first (QEMU's bs->dirty_bitmaps). */
   readonly dirtyBitmaps: BdrvDirtyBitmap[] = [];
 
   constructor(graph: Graph, drv: BlockDriver, nodeName: string, autoNamed: boolean, flags: number, options: Record<string, unknown>) {

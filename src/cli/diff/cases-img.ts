@@ -39,7 +39,7 @@ const QCOW = [
   'qemu-img create -q -f qcow2 -o compat=0.10 $D/v2.qcow2 1M',
 ];
 
-/** qcow2 images with what QEMU can write but this engine's qcow2 cannot yet: internal snapshots, bitmaps, compressed clusters. */
+/** qcow2 images with internal snapshots, persistent bitmaps (more in cases-img-bitmap.ts) and compressed clusters, made by QEMU. */
 const EXTRAS = [
   'qemu-img create -q -f qcow2 $D/s.qcow2 1M',
   "qemu-io -c 'write -P 1 0 64k' $D/s.qcow2",

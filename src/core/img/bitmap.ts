@@ -5,7 +5,7 @@
  * command-line order on one image. Persistent bitmaps reach the image
  * through the format driver's hooks; the driver stores them on close.
  */
-import { BlockError, toBlockError } from '../errors.ts';
+import { BlockError, HintedError, toBlockError } from '../errors.ts';
 import {
   BITMAP_CHECK,
   bdrvClearDirtyBitmap,
@@ -28,7 +28,7 @@ export interface BitmapAction {
 
 /** Options of runBitmapActions. */
 export interface BitmapActionOptions {
-  /** -g for --add (0 = the driver's default). */
+  /** -g for --add (absent = the driver's default). */
   granularity?: number;
   /** The node merge sources are looked up in (-b); defaults to the image itself. */
   sourceNode?: BlockNode;
@@ -110,9 +110,11 @@ export function blockDirtyBitmapMerge(bs: BlockNode, dstName: string, srcNode: B
   }
 }
 
-/** The error of a failed `qemu-img bitmap` action; `hint` is QEMU's extra line, if any. */
-export class BitmapActionError extends BlockError {
-  hint?: string;
+/** `prefix` + the error's message, keeping QEMU's hint when it has one (error_prepend). */
+function prepend(e: unknown, prefix: string): BlockError {
+  const be = toBlockError(e);
+  if (be instanceof HintedError) return new HintedError(be.code, `${prefix}${be.message}`, be.hint, e);
+  return new BlockError(be.code, `${prefix}${be.message}`, { cause: e });
 }
 
 /** Runs the actions of `qemu-img bitmap` on `bs` in order; throws at the first that fails with "Operation <op> on bitmap <name> failed: …". */
@@ -122,7 +124,7 @@ export async function runBitmapActions(bs: BlockNode, name: string, actions: Bit
       switch (a.op) {
         case 'add': {
           const o: { granularity?: number; persistent: boolean; disabled: boolean } = { persistent: true, disabled: false };
-          if (opts.granularity) o.granularity = opts.granularity;
+          if (opts.granularity !== undefined) o.granularity = opts.granularity;
           await blockDirtyBitmapAdd(bs, name, o);
           break;
         }
@@ -133,20 +135,30 @@ export async function runBitmapActions(bs: BlockNode, name: string, actions: Bit
         case 'merge': blockDirtyBitmapMerge(bs, name, opts.sourceNode ?? bs, a.source!); break;
       }
     } catch (e) {
-      const be = toBlockError(e);
-      const err = new BitmapActionError(be.code, `Operation ${a.op} on bitmap ${name} failed: ${be.message}`, { cause: e });
-      const hint = (be as BlockError & { hint?: string }).hint;
-      if (hint !== undefined) err.hint = hint;
-      throw err;
+      throw prepend(e, `Operation ${a.op} on bitmap ${name} failed: `);
+    }
+  }
+}
+
+/**
+ * Refuses a bitmap copy that would meet an inconsistent bitmap, before
+ * anything is created (qemu-img's convert_check_bitmaps); `tool` names the
+ * program in the hint.
+ */
+export function convertCheckBitmaps(src: BlockNode, skipBroken: boolean, tool = 'qemu-img'): void {
+  for (const bm of src.dirtyBitmaps) {
+    if (!bm.persistent || bm.name === null) continue;
+    if (!skipBroken && bm.inconsistent) {
+      throw new HintedError('EINVAL', `Cannot copy inconsistent bitmap '${bm.name}'`, `Try --skip-broken-bitmaps, or use '${tool} bitmap --remove' to delete it\n`);
     }
   }
 }
 
 /**
  * Copies the persistent bitmaps of `src` to `dst` after a convert
- * (qemu-img's convert_copy_bitmaps): each is created with the source's
- * granularity and enablement, then filled by a merge. Inconsistent bitmaps
- * are skipped with a warning when `skipBroken`, else they fail the merge;
+ * (qemu-img's convert_copy_bitmaps), newest first as QEMU walks them: each
+ * is created with the source's granularity and enablement, then filled by a
+ * merge. Inconsistent bitmaps are skipped with a warning when `skipBroken`;
  * a bitmap that cannot be filled is removed again.
  */
 export async function convertCopyBitmaps(src: BlockNode, dst: BlockNode, skipBroken: boolean, warn: (msg: string) => void): Promise<void> {
@@ -160,17 +172,13 @@ export async function convertCopyBitmaps(src: BlockNode, dst: BlockNode, skipBro
     try {
       await blockDirtyBitmapAdd(dst, name, { granularity: bm.granularity, persistent: true, disabled: !bm.enabled });
     } catch (e) {
-      throw new BitmapActionError(toBlockError(e).code, `Failed to create bitmap ${name}: ${toBlockError(e).message}`, { cause: e });
+      throw prepend(e, `Failed to create bitmap ${name}: `);
     }
     try {
       blockDirtyBitmapMerge(dst, name, src, name);
     } catch (e) {
-      const be = toBlockError(e);
-      const err = new BitmapActionError(be.code, `Failed to populate bitmap ${name}: ${be.message}`, { cause: e });
-      const hint = (be as BlockError & { hint?: string }).hint;
-      if (hint !== undefined) err.hint = hint;
       await blockDirtyBitmapRemove(dst, name).catch(() => undefined);
-      throw err;
+      throw prepend(e, `Failed to populate bitmap ${name}: `);
     }
   }
 }

@@ -6,6 +6,8 @@
  * (set values, else defaults, in the drivers' declaration order), and then
  * the format driver's create() with a context that reaches storage.
  */
+import { HintedError } from '../errors.ts';
+export { HintedError };
 import type { BlockDriver, CreateContext, ProgressFn } from '../driver.ts';
 import { BlockError, toBlockError } from '../errors.ts';
 import { pathHasProtocol, type Graph } from '../graph.ts';
@@ -13,16 +15,6 @@ import type { BlockNode } from '../node.ts';
 import { parseOptionValue, type CreateOptions, type OptionSpec, type OptionValue } from '../options.ts';
 import { OPEN } from '../types.ts';
 import { pathCombine } from './gate.ts';
-
-/**
- * An error with a hint (QEMU's error_append_hint): tools print the message
- * as an error line and the hint verbatim after it.
- */
-export class HintedError extends BlockError {
-  constructor(code: BlockError['code'], message: string, readonly hint: string, cause?: unknown) {
-    super(code, message, cause !== undefined ? { cause } : {});
-  }
-}
 
 /** One parsed `-o` option: the text as given and its typed value. */
 interface SetOption {
