@@ -510,6 +510,9 @@ async function imgCheck(img: Img, argv: readonly string[]): Promise<number> {
   const ofmt = outputFormat(img, output);
   if (!parseCacheMode(cache)) img.fail(`Invalid source cache option: ${cache}`);
   const blk = await imgOpen(img, { imageOpts, filename, fmt, readOnly: repair === undefined, cache, forceShare });
+  // The driver's findings ("Leaked cluster …", "ERROR …") go to stderr as QEMU's fprintf(stderr) does.
+  const prevWarn = img.graph.onWarning;
+  img.graph.onWarning = (m) => img.io.stderr(`${m}\n`);
   try {
     let outcome;
     try {
@@ -536,6 +539,7 @@ async function imgCheck(img: Img, argv: readonly string[]): Promise<number> {
     if (c.leaks) return 3;
     return 0;
   } finally {
+    img.graph.onWarning = prevWarn;
     await blk.close();
   }
 }

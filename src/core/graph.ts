@@ -627,6 +627,7 @@ export class Graph {
       q.bs.openFlags = q.flags;
       q.bs.options = { ...q.bs.options, ...q.options, 'read-only': q.readOnly };
     }
+    for (const q of queue) await q.bs.drv.reopenCommitPost?.(q);
   }
 
   /** Closes every node that has no parents left (QEMU's bdrv_close_all for our graph). */

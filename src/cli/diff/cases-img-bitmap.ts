@@ -73,8 +73,8 @@ function onBm(cmd: string, bitmaps: string[] = ['b0', 'b1']): DiffCase {
   return img(cmd, { images: ['bm.qcow2'], after: [...state('bm.qcow2'), ...bitmaps.flatMap((b) => dirty('bm.qcow2', b))] });
 }
 
-/** Every qemu-img case about bitmaps. */
-export const IMG_BITMAP_CASES: DiffCase[] = [
+/** Every qemu-img case about bitmaps on healthy images. */
+const HEALTHY_CASES: DiffCase[] = [
   // --- info and check of images with bitmaps
   img('info $D/bm.qcow2'),
   img('info --output=json $D/bm.qcow2'),
@@ -172,3 +172,51 @@ export const IMG_BITMAP_CASES: DiffCase[] = [
   img('resize $D/incons.qcow2 2M', { files: ['incons.qcow2'] }),
   img('snapshot -l $D/bm.qcow2'),
 ];
+
+/**
+ * A QEMU-made image whose layout is fixed by the steps (b0's bitmap table at
+ * 0x50000 with one data cluster at 0x40000, the directory at 0xd0000), then
+ * damaged with raw writes: a table entry cleared (its data cluster leaks), a
+ * table pointing past the file, reserved bits, bad flags, a bad granularity.
+ */
+const DAMAGED = [
+  'qemu-img create -q -f qcow2 $D/base.qcow2 1M',
+  'qemu-img bitmap --add -g 4k $D/base.qcow2 b0',
+  "qemu-io -c 'write 0 4k' -c 'write 600k 4k' $D/base.qcow2",
+  'qemu-img bitmap --add $D/base.qcow2 b1',
+  'cp $D/base.qcow2 $D/leak.qcow2',
+  "qemu-io -f raw -c 'write -P 0 327680 8' $D/leak.qcow2",
+  'cp $D/base.qcow2 $D/far.qcow2',
+  "qemu-io -f raw -c 'write -P 0x10 851971 1' $D/far.qcow2",
+  'cp $D/base.qcow2 $D/reserved.qcow2',
+  "qemu-io -f raw -c 'write -P 2 327687 1' $D/reserved.qcow2",
+  'cp $D/base.qcow2 $D/ones.qcow2',
+  "qemu-io -f raw -c 'write -P 0 327680 8' -c 'write -P 1 327687 1' $D/ones.qcow2",
+  'cp $D/base.qcow2 $D/gran.qcow2',
+  "qemu-io -f raw -c 'write -P 40 851985 1' $D/gran.qcow2",
+  'cp $D/base.qcow2 $D/flags.qcow2',
+  "qemu-io -f raw -c 'write -P 4 851982 1' $D/flags.qcow2",
+];
+
+function damaged(cmd: string, extra: Partial<DiffCase> = {}): DiffCase {
+  return { setup: DAMAGED, cmd, mask: [NODE_NAMES, DISK_SIZE], ...extra };
+}
+
+/** check and open of damaged bitmap metadata. */
+const IMG_BITMAP_DAMAGE_CASES: DiffCase[] = [
+  damaged('check $D/base.qcow2'),
+  damaged('check $D/leak.qcow2'),
+  damaged('check --output=json $D/leak.qcow2'),
+  damaged('check -r leaks $D/leak.qcow2', { images: ['leak.qcow2'], after: state('leak.qcow2') }),
+  damaged('check $D/far.qcow2'),
+  damaged('check $D/ones.qcow2'),
+  damaged('info $D/ones.qcow2'),
+  damaged('check $D/reserved.qcow2'),
+  damaged('info $D/reserved.qcow2'),
+  damaged('check $D/gran.qcow2'),
+  damaged('info $D/flags.qcow2'),
+  damaged('bitmap --remove $D/leak.qcow2 b0', { images: ['leak.qcow2'], after: state('leak.qcow2') }),
+];
+
+/** Every qemu-img case about bitmaps. */
+export const IMG_BITMAP_CASES: DiffCase[] = [...HEALTHY_CASES, ...IMG_BITMAP_DAMAGE_CASES];

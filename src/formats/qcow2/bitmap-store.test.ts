@@ -11,6 +11,7 @@ import { closeSync, openSync, readFileSync, writeSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { bdrvFindDirtyBitmap } from '../../core/dirty-bitmap.ts';
 import { bdrvPdiscard, bdrvPwritev, bdrvPwriteZeroes, bdrvTruncate } from '../../core/io.ts';
+import { PERM } from '../../core/types.ts';
 import { runBitmapActions } from '../../core/img/bitmap.ts';
 import type { Qcow2State } from './index.ts';
 import { openQcow2, QEMU_IO, qemuImg, qemuIo, requireQemu, run, scratchDir } from './testing.ts';
@@ -215,5 +216,34 @@ describe('qcow2 persistent bitmaps', () => {
     });
     checkClean(img);
     expect(qemuDirtyAreas(img, 'r')).toEqual([{ offset: 4096, bytes: 4096 }, { offset: (2 << 20) - 4096, bytes: 4096 }]);
+  });
+
+  it('stores bitmaps on a switch to read-only and marks them in use again on the way back', async () => {
+    const img = newImage('1M');
+    qemuImg(tmp.dir, 'bitmap', '--add', '-g', '4k', img, 'r');
+    const o = await openQcow2(tmp.path(img), { readOnly: false });
+    try {
+      await bdrvPwritev(o.child, 0, 4096, new Uint8Array(4096).fill(1));
+      // Only a reader may stay attached across the switch to read-only.
+      const reader = o.graph.attachRoot(o.bs, { kind: 'job', name: 'test', description: () => 'reader' }, 'root', PERM.CONSISTENT_READ, PERM.ALL);
+      await o.graph.detachChild(o.child);
+      await o.graph.reopen(o.bs, { readOnly: true });
+      expect(bdrvFindDirtyBitmap(o.bs, 'r')!.readonly).toBe(true);
+      expect(info(img).bitmaps![0]!.flags).toEqual(['auto']);
+      expect(qemuDirtyAreas(img, 'r')).toEqual([{ offset: 0, bytes: 4096 }]);
+      await o.graph.reopen(o.bs, { readOnly: false });
+      expect(bdrvFindDirtyBitmap(o.bs, 'r')!.readonly).toBe(false);
+      expect(info(img).bitmaps![0]!.flags).toEqual(['in-use', 'auto']);
+      const writer = o.graph.attachRoot(o.bs, { kind: 'job', name: 'test', description: () => 'writer' }, 'root', PERM.CONSISTENT_READ | PERM.WRITE, PERM.ALL);
+      await o.graph.detachChild(reader);
+      await bdrvPwritev(writer, 65536, 512, new Uint8Array(512).fill(2));
+      // Dropping the last edge closes the node.
+      await o.graph.detachChild(writer);
+    } finally {
+      await o.graph.closeAll();
+    }
+    expect(info(img).bitmaps![0]!.flags).toEqual(['auto']);
+    expect(qemuDirtyAreas(img, 'r')).toEqual([{ offset: 0, bytes: 4096 }, { offset: 65536, bytes: 4096 }]);
+    checkClean(img);
   });
 });

@@ -427,10 +427,7 @@ async function qcow2ReopenPrepare(rs: ReopenState): Promise<void> {
   }
   const r: Qcow2Reopen = { options, sizes, choices };
   rs.opaque = r;
-  if (!rs.readOnly && bs.readOnly) {
-    // QEMU does this after the commit; the bitmaps need the file writable, which the reopen has made it by now.
-    await s.lock.run(() => qcow2ReopenBitmapsRw(bs, s));
-  }
+
 }
 
 /** Applies a prepared reopen: new caches when their geometry changed (prepare wrote every dirty entry back). */
@@ -455,6 +452,19 @@ function qcow2ReopenCommit(rs: ReopenState): void {
     startCleanTimer(s);
   }
   installCacheHooks(s);
+}
+
+/** After a switch to read-write, with the file writable: the bitmaps become writable and IN_USE (qcow2_reopen_commit_post). */
+async function qcow2ReopenCommitPost(rs: ReopenState): Promise<void> {
+  if (rs.readOnly) return;
+  const bs = rs.bs;
+  const s = state(bs);
+  try {
+    await s.lock.run(() => qcow2ReopenBitmapsRw(bs, s));
+  } catch (e) {
+    // Not fatal in QEMU either: the bitmaps stay read-only.
+    bs.graph.onWarning(`${bs.nodeName}: Failed to make dirty bitmaps writable: ${toBlockError(e).message}`);
+  }
 }
 
 /**
@@ -705,6 +715,7 @@ export const qcow2Driver: BlockDriver = {
 
   reopenPrepare: qcow2ReopenPrepare,
   reopenCommit: qcow2ReopenCommit,
+  reopenCommitPost: qcow2ReopenCommitPost,
   invalidateCache: qcow2InvalidateCache,
 };
 
