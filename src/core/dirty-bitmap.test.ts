@@ -215,6 +215,23 @@ describe('marking by the request path', () => {
     });
   }
 
+  it('refuses writes and discards while a bitmap is read-only, as QEMU does', async () => {
+    const { bs, blk } = await image('raw', 1 << 20);
+    try {
+      const bm = bdrvCreateDirtyBitmap(bs, 4096, 'ro');
+      bm.readonly = true;
+      await expect(blk.pwrite(0, new Uint8Array(4096))).rejects.toMatchObject({ code: 'EPERM' });
+      await expect(blk.pwriteZeroes(0, 65536)).rejects.toMatchObject({ code: 'EPERM' });
+      await expect(blk.pdiscard(0, 65536)).rejects.toMatchObject({ code: 'EPERM' });
+      expect(bm.count()).toBe(0);
+      bm.readonly = false;
+      await blk.pwrite(0, new Uint8Array(4096));
+      expect(bm.count()).toBe(4096);
+    } finally {
+      await blk.close();
+    }
+  });
+
   it('costs nothing and marks nothing without bitmaps, and stops marking once released', async () => {
     const { bs, blk } = await image('raw', 1 << 20);
     try {

@@ -247,6 +247,11 @@ export function bdrvDirtyBitmapTruncate(bs: BlockNode, size: number): void {
   }
 }
 
+/** Whether any bitmap of the node is read-only (bdrv_has_readonly_bitmaps): writes to the node must then fail. */
+export function bdrvHasReadonlyBitmaps(bs: BlockNode): boolean {
+  return bs.dirtyBitmaps.some((bm) => bm.readonly);
+}
+
 /** Whether a bitmap would have to be written to the image on close (bdrv_has_changed_persistent_bitmaps). */
 export function bdrvHasChangedPersistentBitmaps(bs: BlockNode): boolean {
   return bs.dirtyBitmaps.some((bm) => bm.persistent && !bm.readonly);

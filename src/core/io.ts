@@ -10,7 +10,7 @@ import type { BlockDriverInfo } from './driver.ts';
 import type { BlockNode, TrackedRequest } from './node.ts';
 import { BDRV_MAX_LENGTH, BLOCK, OPEN, PERM, REQ, type BlockStatus, type PreallocMode } from './types.ts';
 import { isZeroBuffer } from './zero.ts';
-import { bdrvDirtyBitmapTruncate, bdrvSetDirty } from './dirty-bitmap.ts';
+import { bdrvDirtyBitmapTruncate, bdrvHasReadonlyBitmaps, bdrvSetDirty } from './dirty-bitmap.ts';
 
 /** Largest bounce buffer used when emulating zero writes. */
 const MAX_ZERO_BOUNCE = 1 << 20;
@@ -294,6 +294,11 @@ async function writeReqPrepare(bs: BlockNode, offset: number, bytes: number, fla
   }
 }
 
+/** A read-only bitmap could not record the write, so QEMU refuses it (bdrv_aligned_pwritev, bdrv_co_pdiscard). */
+function checkBitmapsWritable(bs: BlockNode): void {
+  if (bs.dirtyBitmaps.length > 0 && bdrvHasReadonlyBitmaps(bs)) throw new BlockError('EPERM', undefined, { node: bs.nodeName });
+}
+
 /** A failed write may have changed part of the range: QEMU marks it dirty all the same. */
 function writeFailed(bs: BlockNode, offset: number, bytes: number): void {
   if (bs.dirtyBitmaps.length > 0 && bytes > 0) bdrvSetDirty(bs, offset, bytes);
@@ -329,6 +334,7 @@ async function driverPwritev(bs: BlockNode, offset: number, bytes: number, buf: 
 
 /** Writes an aligned range (QEMU's bdrv_aligned_pwritev): hooks, detect-zeroes, split, FUA. */
 async function alignedPwritev(bs: BlockNode, _req: TrackedRequest | null, offset: number, bytes: number, align: number, buf: Uint8Array, flags: number, signal?: AbortSignal): Promise<void> {
+  checkBitmapsWritable(bs);
   try {
     await writeReqPrepare(bs, offset, bytes, flags);
     if (bs.detectZeroes !== 'off' && !(flags & (REQ.ZERO_WRITE | REQ.WRITE_COMPRESSED)) && isZeroBuffer(buf.subarray(0, bytes))) {
@@ -480,6 +486,7 @@ async function zeroPwritev(bs: BlockNode, req: TrackedRequest, offset: number, b
   }
   const midEnd = alignDown(end, align);
   if (midEnd > pos) {
+    checkBitmapsWritable(bs);
     try {
       await writeReqPrepare(bs, pos, midEnd - pos, flags);
       await bdrvDebugEvent(bs, 'pwritev_zero');
@@ -577,6 +584,7 @@ export async function bdrvPdiscard(child: BdrvChild, offset: number, bytes: numb
   checkNode(bs);
   checkRequest(offset, bytes);
   if (bs.readOnly || !(child.perm & PERM.WRITE)) throw new BlockError('EPERM', undefined, { node: bs.nodeName });
+  checkBitmapsWritable(bs);
   if (bytes === 0) return;
   if (!(bs.openFlags & OPEN.UNMAP)) return;
   const drv = bs.drv;
