@@ -18,6 +18,7 @@ import {
   type BdrvDirtyBitmap,
 } from './dirty-bitmap.ts';
 import { Graph } from './graph.ts';
+import { HBitmap } from './hbitmap.ts';
 import { imgCreate } from './img/create.ts';
 import { toolGate } from './img/gate.ts';
 import { openBackend } from './img/open.ts';
@@ -139,6 +140,8 @@ describe('BdrvDirtyBitmap', () => {
       expect(() => bdrvCreateDirtyBitmap(bs, 65536, 'x'.repeat(1024))).toThrow(/^Bitmap name too long: x+$/);
       expect(() => bdrvCreateDirtyBitmap(bs, 256, 'b')).toThrow('Granularity must be power of 2 and at least 512');
       expect(() => bdrvCreateDirtyBitmap(bs, 3000, 'b')).toThrow('Granularity must be power of 2 and at least 512');
+      // Bits beyond what the kernels address are refused instead of wrapping.
+      expect(() => new HBitmap(2 ** 50, 512)).toThrow(/needs 2199023255552 bits, more than the 2147483648 supported; use a larger granularity/);
       bm.readonly = true;
       expect(() => bdrvDirtyBitmapCheck(bm, BITMAP_CHECK.DEFAULT)).toThrow("Bitmap 'a' is readonly and cannot be modified");
       expect(() => bdrvDirtyBitmapCheck(bm, BITMAP_CHECK.ALLOW_RO)).not.toThrow();

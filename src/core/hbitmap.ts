@@ -29,6 +29,9 @@ export interface DirtyArea {
   bytes: number;
 }
 
+/** Most bits one bitmap may have (256 MiB of bits: 1 TiB at 512-byte granules, 128 PiB at 64 KiB). */
+export const MAX_BITS = 2 ** 31;
+
 /** Runs fetched from the kernel per call when listing dirty areas. */
 const RUN_BATCH = 256;
 
@@ -57,6 +60,10 @@ export class HBitmap {
     this.granularity = granularity;
     this.granularityBits = Math.log2(granularity);
     this.nbits = Math.max(Math.ceil(size / granularity), 1);
+    // The kernels address bits with 32-bit indices in a 32-bit memory: refuse rather than wrap or abort.
+    if (this.nbits > MAX_BITS) {
+      throw new BlockError('EFBIG', `A dirty bitmap over ${size} bytes at granularity ${granularity} needs ${this.nbits} bits, more than the ${MAX_BITS} supported; use a larger granularity`);
+    }
     this.ops = ops;
     this.store = ops.create(this.nbits);
   }
