@@ -208,6 +208,7 @@ const IMG_BITMAP_DAMAGE_CASES: DiffCase[] = [
   damaged('check $D/leak.qcow2'),
   damaged('check --output=json $D/leak.qcow2'),
   damaged('check -r leaks $D/leak.qcow2', { images: ['leak.qcow2'], after: state('leak.qcow2') }),
+  damaged('check -r all $D/leak.qcow2', { images: ['leak.qcow2'], after: [...state('leak.qcow2'), ...dirty('leak.qcow2', 'b1')] }),
   damaged('check $D/far.qcow2'),
   damaged('check $D/ones.qcow2'),
   damaged('info $D/ones.qcow2'),
