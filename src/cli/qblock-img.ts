@@ -10,7 +10,6 @@ import { mapImage, type MapEntry } from '../core/map.ts';
 import { amendImage } from '../core/img/amend.ts';
 import { runBench, type BenchParams } from '../core/img/bench.ts';
 import { convertCheckBitmaps, convertCopyBitmaps, runBitmapActions, type BitmapAction } from '../core/img/bitmap.ts';
-import type { BlockNode } from '../core/node.ts';
 import { commitImage, rebaseImage } from '../core/img/chain.ts';
 import { checkImage, type CheckRepair, type ImageCheck } from '../core/img/check.ts';
 import { compareImages, CompareError } from '../core/img/compare.ts';

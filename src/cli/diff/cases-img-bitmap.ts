@@ -13,7 +13,8 @@ import type { DiffCase } from './harness.ts';
  * bm.qcow2: 'b0' (64k granules, enabled, dirty where written after it was
  * added) and 'b1' (4k, disabled); other.qcow2 with 'ob' (512-byte granules);
  * big.qcow2 (2 MiB) with 'bb'; a plain v3 image, a v2 image, a raw file;
- * incons.qcow2 whose bitmap was left in use by a killed qemu-io.
+ * incons.qcow2 whose bitmap was left in use by a killed qemu-io; snap.qcow2
+ * with an internal snapshot taken before its bitmap 'sb'.
  */
 const BM = [
   'qemu-img create -q -f qcow2 $D/a.qcow2 1M',
@@ -36,6 +37,10 @@ const BM = [
   // qemu-io dies without closing the image: both bitmaps stay IN_USE, so they are inconsistent from now on.
   "sh -c \"qemu-io -c 'write 0 4k' -c 'sigraise 9' $D/incons.qcow2; exit 0\"",
   'qemu-img bitmap --remove $D/incons.qcow2 kept',
+  'qemu-img create -q -f qcow2 $D/snap.qcow2 1M',
+  'qemu-img snapshot -c s1 $D/snap.qcow2',
+  'qemu-img bitmap --add $D/snap.qcow2 sb',
+  "qemu-io -c 'write 128k 4k' $D/snap.qcow2",
 ];
 
 let sock = 0;
@@ -63,6 +68,9 @@ const NODE_NAMES = { re: /#block\d+/g, why: 'automatic node names are numbered p
  * are compared by content, check, info and dirty areas, not by bytes.
  */
 const DISK_SIZE = { re: /^disk size: .*$/gm, why: 'Node cannot punch holes into freed clusters' };
+
+/** A snapshot taken in the run carries the clock of that run. */
+const SNAPSHOT_DATES = { re: /\d{4}-\d\d-\d\d \d\d:\d\d:\d\d/g, why: 'snapshot creation time is the clock of each run' };
 
 function img(cmd: string, extra: Partial<DiffCase> = {}): DiffCase {
   return { setup: BM, cmd, mask: [NODE_NAMES, DISK_SIZE], ...extra };
@@ -171,6 +179,9 @@ const HEALTHY_CASES: DiffCase[] = [
   img('resize $D/bm.qcow2 2M', { after: [...state('bm.qcow2'), ...dirty('bm.qcow2', 'b0')] }),
   img('resize $D/incons.qcow2 2M', { files: ['incons.qcow2'] }),
   img('snapshot -l $D/bm.qcow2'),
+  img('snapshot -c s1 $D/bm.qcow2', { mask: [NODE_NAMES, DISK_SIZE, SNAPSHOT_DATES], images: ['bm.qcow2'], after: [...state('bm.qcow2'), 'qemu-img snapshot -l $D/bm.qcow2', ...dirty('bm.qcow2', 'b0')] }),
+  img('snapshot -a s1 $D/snap.qcow2', { images: ['snap.qcow2'], after: [...state('snap.qcow2'), ...dirty('snap.qcow2', 'sb')] }),
+  img('snapshot -d s1 $D/snap.qcow2', { images: ['snap.qcow2'], after: [...state('snap.qcow2'), ...dirty('snap.qcow2', 'sb')] }),
 ];
 
 /**

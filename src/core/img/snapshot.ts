@@ -71,6 +71,8 @@ export async function createSnapshot(bs: BlockNode, name: string, now: Date = ne
 /** QEMU's bdrv_snapshot_goto; errors read "Could not apply snapshot '…': …". */
 export async function applySnapshot(bs: BlockNode, name: string): Promise<void> {
   for (let n: BlockNode | null = bs; n; n = fallback(n)) {
+    // The snapshot's data would not match what the bitmaps recorded (QEMU checks every node it passes).
+    if (n.dirtyBitmaps.length > 0) throw new BlockError('EBUSY', `Could not apply snapshot '${name}': Device has active dirty bitmaps`);
     if (n.drv.snapshotGoto) {
       try {
         const drv = n.drv;
