@@ -14,12 +14,11 @@
  * dev start and build, so `npm start` on a fresh checkout makes the demo.
  *
  * Generators: the engine itself makes the images (qcow2 create, then data,
- * zero and compressed writes through a BlockBackend). TEMPORARY, until the
- * engine has them: the internal snapshot and the dirty bitmaps are added
- * with qemu-img, and the writes after the bitmaps (which only QEMU would
- * mark in them) go through qemu-io; without qemu-utils they are left out.
- * The snapshot moves to the engine by itself once its qcow2 driver creates
- * snapshots (src/core/img/snapshot.ts is already there).
+ * zero and compressed writes through a BlockBackend, the internal snapshot
+ * and the persistent dirty bitmaps, which the later writes mark). For an
+ * engine without snapshots or bitmaps in qcow2 (TEMPORARY fallbacks), those
+ * are added with qemu-img and the writes after the bitmaps go through
+ * qemu-io; without qemu-utils they are left out.
  * An engine whose qcow2 writes fail with ENOTSUP falls back to doing every
  * step with qemu-img/qemu-io (also TEMPORARY). demo.json's byQemu lists
  * what QEMU's tools did, and the app shows it.
@@ -227,12 +226,11 @@ function replayWithQemuIo(dir: string, file: string, ops: DemoOp[]): void {
 /**
  * Makes the demo with qblock itself: qcow2 create, then data, zero and
  * compressed writes through a BlockBackend. Returns what had to be done by
- * QEMU's tools instead (TEMPORARY: internal snapshots and persistent bitmaps
- * are not in the engine yet; while an image has bitmaps the engine opens it
- * read-only, so the writes after them go through qemu-io too). Without
- * qemu-img those extras are skipped rather than failing `npm start`.
+ * QEMU's tools instead (TEMPORARY fallbacks for an engine without qcow2
+ * snapshots or persistent bitmaps). Without qemu-img those extras are
+ * skipped rather than failing `npm start`.
  */
-async function generateWithEngine(dir: string, layers: DemoLayer[], log: (m: string) => void): Promise<string[]> {
+async function generateWithEngine(dir: string, layers: DemoLayer[], log: (m: string) => void, made: DemoExtras): Promise<string[]> {
   const { createNodeGraph, BlockBackend, OPEN, isBlockError } = await import('../src/node.ts');
   const graph = createNodeGraph();
   const qcow2 = graph.getDriver('qcow2');
@@ -283,6 +281,7 @@ async function generateWithEngine(dir: string, layers: DemoLayer[], log: (m: str
           const blk = await BlockBackend.open(graph, { driver: 'qcow2', file: { driver: 'file', filename: path } });
           try {
             await createSnapshot(blk.bs!, layer.snapshot);
+            made.snapshot = true;
             await blk.flush();
           } finally {
             await blk.close();
@@ -290,24 +289,39 @@ async function generateWithEngine(dir: string, layers: DemoLayer[], log: (m: str
         } else if (qemu) {
           // TEMPORARY: qcow2 internal snapshots are not in the engine yet.
           run('qemu-img', ['snapshot', '-c', layer.snapshot, layer.file], dir);
+          made.snapshot = true;
           byQemu.push(`snapshot '${layer.snapshot}' (qemu-img snapshot)`);
         } else {
           log(`qemu-img is not installed: the demo has no internal snapshot`);
         }
       }
       if (layer.bitmaps?.length) {
-        if (qemu) {
-          // TEMPORARY: persistent dirty bitmaps are not in the engine yet.
+        if (qcow2.canStoreNewDirtyBitmap) {
+          // The engine's own qemu-img bitmap --add; the later writes below mark them.
+          // One open per bitmap, as separate qemu-img runs would do (the directory keeps that order).
+          const { runBitmapActions } = await import('../src/core/img/bitmap.ts');
+          for (const b of layer.bitmaps) {
+            const blk = await BlockBackend.open(graph, { driver: 'qcow2', file: { driver: 'file', filename: path } });
+            try {
+              await runBitmapActions(blk.bs!, b.name, [{ op: 'add' }], b.granularity ? { granularity: b.granularity } : {});
+              made.bitmaps = true;
+            } finally {
+              await blk.close();
+            }
+          }
+        } else if (qemu) {
+          // TEMPORARY: for an engine without persistent dirty bitmaps.
           for (const b of layer.bitmaps) run('qemu-img', ['bitmap', '--add', ...(b.granularity ? ['-g', String(b.granularity)] : []), layer.file, b.name], dir);
           byQemu.push('dirty bitmaps (qemu-img bitmap)');
           hasBitmaps = true;
+          made.bitmaps = true;
         } else {
           log(`qemu-img is not installed: the demo has no dirty bitmaps`);
         }
       }
       if (layer.laterOps?.length) {
         if (hasBitmaps) {
-          // TEMPORARY: the engine opens images with bitmaps read-only, and only QEMU would mark them dirty.
+          // TEMPORARY: only QEMU marks bitmaps QEMU added when the engine has no bitmap support.
           replayWithQemuIo(dir, layer.file, layer.laterOps);
           byQemu.push('writes after the bitmaps were added (qemu-io)');
         } else {
@@ -384,15 +398,28 @@ export async function makeDemo(dir: string, opts: { force?: boolean; generator?:
   }
 }
 
+/** Which optional parts the demo got. */
+interface DemoExtras {
+  snapshot: boolean;
+  bitmaps: boolean;
+}
+
+/** The end of the demo's description: the optional parts it has. */
+function describeExtras(m: DemoExtras): string {
+  const parts = [m.snapshot ? 'an internal snapshot' : '', m.bitmaps ? 'two dirty bitmaps' : ''].filter((p) => p !== '');
+  return parts.length > 0 ? `, ${parts.join(' and ')}.` : '.';
+}
+
 /** Makes the images and demo.json in `dir`. */
 async function generate(dir: string, opts: { generator?: 'engine' | 'qemu' }): Promise<DemoManifest> {
   const layers = demoLayers();
   const log = (m: string): void => void process.stderr.write(`[make-demo] ${m}\n`);
+  const made: DemoExtras = { snapshot: false, bitmaps: false };
   let generator: DemoManifest['generator'] = 'engine';
   let byQemu: string[] = [];
   if (opts.generator !== 'qemu') {
     try {
-      byQemu = await generateWithEngine(dir, layers, log);
+      byQemu = await generateWithEngine(dir, layers, log, made);
     } catch (e) {
       if (!(e instanceof EngineCannotWrite) || opts.generator === 'engine') throw e;
       log(`the engine cannot make the demo yet (${e.message}); using qemu-img/qemu-io (temporary)`);
@@ -422,7 +449,7 @@ async function generate(dir: string, opts: { generator?: 'engine' | 'qemu' }): P
     description:
       'A 64 MiB qcow2 overlay over a qcow2 base: GPT with an EFI and a Linux partition, data in both layers, ' +
       'zero clusters hiding base data, compressed clusters' +
-      (byQemu.some((b) => b.startsWith('snapshot')) || generator === 'qemu' ? ', an internal snapshot and two dirty bitmaps.' : '.'),
+      describeExtras(generator === 'qemu' ? { snapshot: true, bitmaps: true } : made),
   };
   writeFileSync(join(dir, 'demo.json'), `${JSON.stringify(manifest, null, 2)}\n`);
   return manifest;
