@@ -1,10 +1,25 @@
 // Shared by the launchers: wires the command to the real process (stdio, TTYs, signals, exit status).
+// The commands come from the prebuilt bundle (build/cli/cli.mjs, see scripts/cli-bundle.mjs) when it
+// is current, rebuilt here when stale; only when it cannot be built do the TypeScript sources run
+// through tsx, which transpiles them at every start.
 import { createInterface } from 'node:readline';
+import { buildCliBundle, CLI_BUNDLE, cliBundleStale } from '../scripts/cli-bundle.mjs';
+
+/** The command's entry point: from the bundle when possible, else from the sources through tsx. */
+async function loadMain(name) {
+  if (!process.env.QBLOCK_CLI_NO_BUNDLE && (!cliBundleStale() || (await buildCliBundle()))) {
+    const mod = await import(CLI_BUNDLE);
+    return name === 'qblock-img' ? mod.qblockImg : mod.qblockIo;
+  }
+  const { register } = await import('tsx/esm/api');
+  register();
+  const mod = name === 'qblock-img' ? await import('../src/cli/qblock-img.ts') : await import('../src/cli/qblock-io.ts');
+  return name === 'qblock-img' ? mod.qblockImg : mod.qblockIo;
+}
 
 /** Runs `name` (qblock-img or qblock-io) with `args` and exits with its status. */
 export async function run(name, args) {
-  const mod = name === 'qblock-img' ? await import('../src/cli/qblock-img.ts') : await import('../src/cli/qblock-io.ts');
-  const main = name === 'qblock-img' ? mod.qblockImg : mod.qblockIo;
+  const main = await loadMain(name);
   const io = {
     stdout: (s) => process.stdout.write(s),
     stderr: (s) => process.stderr.write(s),

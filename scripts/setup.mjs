@@ -6,6 +6,8 @@
 //           nasm, seabios; installed with apt-get when running as root),
 //           node_modules, and the wasm kernels
 //   --web   node_modules and the wasm kernels
+//   both    the command-line bundle bin/qblock-img and bin/qblock-io start from
+//           (build/cli/cli.mjs; scripts/cli-bundle.mjs)
 //
 // Fast when nothing is missing: one dpkg-query call and a few stat()s.
 
@@ -13,6 +15,7 @@ import { spawnSync } from 'node:child_process';
 import { accessSync, constants, existsSync, readdirSync, statSync } from 'node:fs';
 import { delimiter, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { buildCliBundle, cliBundleStale } from './cli-bundle.mjs';
 
 /** Repository root (the directory above scripts/). */
 export const ROOT = fileURLToPath(new URL('..', import.meta.url));
@@ -165,8 +168,15 @@ export function ensureWasm() {
   return true;
 }
 
+/** Builds the command-line bundle when stale; returns false if the build fails (the launchers then fall back to tsx). */
+export async function ensureCliBundle() {
+  if (!cliBundleStale()) return true;
+  say('bundling the command-line tools (build/cli/cli.mjs)');
+  return buildCliBundle(true);
+}
+
 /** Entry point: applies the steps selected by --test / --web and exits non-zero if one fails. */
-function main(argv) {
+async function main(argv) {
   const test = argv.includes('--test');
   const web = argv.includes('--web');
   if (!test && !web) {
@@ -177,9 +187,10 @@ function main(argv) {
   if (test) ok = ensureSystemPackages() && ok;
   ok = ensureNodeModules() && ok;
   ok = ok && ensureWasm();
+  ok = ok && (await ensureCliBundle());
   process.exit(ok ? 0 : 1);
 }
 
 if (process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
-  main(process.argv.slice(2));
+  await main(process.argv.slice(2));
 }
