@@ -12,6 +12,7 @@ import {
   bdrvDrainedEnd,
   bdrvFlush,
   bdrvGetLength,
+  bdrvGetLengthSync,
   bdrvPdiscard,
   bdrvPreadv,
   bdrvPwritev,
@@ -285,8 +286,13 @@ export class BlockBackend {
   }
 
   /** Waits while drained or stopped; in-flight stays counted so drain sees queued requests finish first (QEMU's blk_wait_while_drained). */
+  /** Whether new requests must wait (drained and queuing, or stopped by the error policy). */
+  private isBlocked(): boolean {
+    return (this.quiesceCounter > 0 && !this.disableRequestQueuing) || this.stopped;
+  }
+
   private async waitWhileBlocked(): Promise<void> {
-    while ((this.quiesceCounter > 0 && !this.disableRequestQueuing) || this.stopped) {
+    while (this.isBlocked()) {
       // A queued request is not "in flight" for drain purposes.
       this.decInFlight();
       await new Promise<void>((r) => (this.stopped ? this.resumeWaiters : this.queued).push(r));
@@ -379,14 +385,22 @@ export class BlockBackend {
   // -------------------------------------------------------------------------
   // Request helpers
 
-  private async checkByteRequest(offset: number, bytes: number): Promise<void> {
+  /** Validates a request; returns a promise only when the length check needs the driver's asynchronous answer. */
+  private checkByteRequest(offset: number, bytes: number): Promise<void> | undefined {
     if (!Number.isInteger(offset) || !Number.isInteger(bytes)) throw new BlockError('EINVAL', 'Offset and length must be integers', { node: this.name });
     if (bytes < 0 || offset < 0) throw new BlockError('EINVAL', `Negative ${offset < 0 ? 'offset' : 'length'}`, { node: this.name });
     if (!this.isAvailable()) throw new BlockError('ENOMEDIUM', undefined, { node: this.name });
     if (!this.allowWriteBeyondEof) {
-      const len = await bdrvGetLength(this.root!.bs);
-      if (offset > len || len - offset < bytes) throw new BlockError('EIO', undefined, { node: this.name });
+      const bs = this.root!.bs;
+      const now = bdrvGetLengthSync(bs);
+      if (now === undefined) {
+        return bdrvGetLength(bs).then((len) => {
+          if (offset > len || len - offset < bytes) throw new BlockError('EIO', undefined, { node: this.name });
+        });
+      }
+      if (offset > now || now - offset < bytes) throw new BlockError('EIO', undefined, { node: this.name });
     }
+    return undefined;
   }
 
   /**
@@ -397,10 +411,11 @@ export class BlockBackend {
     this.incInFlight();
     try {
       throwIfAborted(signal);
-      await this.waitWhileBlocked();
+      if (this.isBlocked()) await this.waitWhileBlocked();
       if (check) {
         try {
-          await this.checkByteRequest(offset, bytes);
+          const pending = this.checkByteRequest(offset, bytes);
+          if (pending) await pending;
         } catch (e) {
           this.stats.acctInvalid(type);
           throw e;

@@ -126,6 +126,8 @@ export interface BlockDriver {
   flushToDisk?(bs: BlockNode): Promise<void>;
   truncate?(bs: BlockNode, offset: number, exact: boolean, prealloc: PreallocMode, flags: number): Promise<void>;
   getLength?(bs: BlockNode): Promise<number>;
+  /** getLength answered without I/O (same value and side effects), or undefined when only the async form can answer; lets the fast read path skip a turn. */
+  getLengthSync?(bs: BlockNode): number | undefined;
   getAllocatedFileSize?(bs: BlockNode): Promise<number>;
   measure?(opts: CreateOptions, src: BlockNode | null): Promise<MeasureInfo>;
   copyRangeFrom?(bs: BlockNode, src: BdrvChild, srcOffset: number, dst: BdrvChild, dstOffset: number, bytes: number, readFlags: number, writeFlags: number): Promise<void>;

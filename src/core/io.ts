@@ -136,6 +136,18 @@ export async function bdrvGetLength(bs: BlockNode): Promise<number> {
   return bs.totalBytes;
 }
 
+/** bdrvGetLength without I/O: the length, or undefined when the driver can only answer asynchronously (the caller then awaits bdrvGetLength). */
+export function bdrvGetLengthSync(bs: BlockNode): number | undefined {
+  if (bs.closing) return undefined;
+  const drv = bs.drv;
+  if (!(drv.hasVariableLength && drv.getLength)) return bs.totalBytes;
+  if (!drv.getLengthSync) return undefined;
+  const len = drv.getLengthSync(bs);
+  if (len === undefined) return undefined;
+  bs.totalBytes = sectorLength(len);
+  return bs.totalBytes;
+}
+
 /** Re-reads the length from the driver (after open or truncate). */
 export async function refreshTotalBytes(bs: BlockNode): Promise<number> {
   if (bs.drv.getLength) bs.totalBytes = sectorLength(await bs.drv.getLength(bs));
@@ -230,11 +242,79 @@ async function copyOnReadv(bs: BlockNode, req: TrackedRequest, offset: number, b
   }
 }
 
+/** Whether an older serialising request overlaps `req` (or `req` is serialising and overlaps an older one): the synchronous test of waitSerialising. */
+function hasSerialisingConflict(bs: BlockNode, req: TrackedRequest): boolean {
+  for (const other of bs.trackedRequests) {
+    if (other === req || other.seq > req.seq) continue;
+    if (!other.serialising && !req.serialising) continue;
+    if (overlaps(req, other)) return true;
+  }
+  return false;
+}
+
+/** Ends a request started on the fast read path. */
+function fastReadDone(bs: BlockNode, req: TrackedRequest): void {
+  trackEnd(bs, req);
+  bs.decInFlight();
+}
+
 /**
  * Reads `bytes` at `offset` from the child's node into `buf` (QEMU's
  * bdrv_co_preadv_part). Unaligned requests are widened and bounced.
+ *
+ * The common request (aligned, inside the node, within max_transfer, no
+ * copy-on-read, nothing serialising in the way, a driver that reads) is
+ * tracked and counted exactly as on the general path but handed to the
+ * driver in the same turn, with one continuation for the bookkeeping: it
+ * is the hot path of every format read and of the format's read of its file.
  */
-export async function bdrvPreadv(child: BdrvChild, offset: number, bytes: number, buf: Uint8Array, flags = 0, signal?: AbortSignal): Promise<void> {
+export function bdrvPreadv(child: BdrvChild, offset: number, bytes: number, buf: Uint8Array, flags = 0, signal?: AbortSignal): Promise<void> {
+  const bs = child.bs;
+  const drv = bs.drv;
+  const align = bs.bl.requestAlignment;
+  if (
+    bytes > 0 &&
+    !bs.closing &&
+    !(flags & REQ.COPY_ON_READ) &&
+    bs.copyOnRead === 0 &&
+    drv.preadv !== undefined &&
+    Number.isInteger(offset) &&
+    Number.isInteger(bytes) &&
+    offset >= 0 &&
+    offset % align === 0 &&
+    bytes % align === 0 &&
+    offset + bytes <= (bdrvGetLengthSync(bs) ?? -1) &&
+    buf.length >= bytes &&
+    (bs.bl.maxTransfer <= 0 || bytes <= (alignDown(bs.bl.maxTransfer, align) || align)) &&
+    !signal?.aborted
+  ) {
+    bs.incInFlight();
+    const req = trackBegin(bs, offset, bytes, false);
+    if (!hasSerialisingConflict(bs, req)) {
+      let p: Promise<void>;
+      try {
+        p = drv.preadv(bs, offset, bytes, buf.length === bytes ? buf : buf.subarray(0, bytes), flags, signal);
+      } catch (e) {
+        fastReadDone(bs, req);
+        return Promise.reject(e);
+      }
+      return p.then(
+        () => fastReadDone(bs, req),
+        (e: unknown) => {
+          fastReadDone(bs, req);
+          throw e;
+        },
+      );
+    }
+    // Something serialising overlaps: the general path waits for it.
+    trackEnd(bs, req);
+    bs.decInFlight();
+  }
+  return bdrvPreadvSlow(child, offset, bytes, buf, flags, signal);
+}
+
+/** The general read path: checks, alignment bounce, serialisation, copy-on-read, EOF and max_transfer. */
+async function bdrvPreadvSlow(child: BdrvChild, offset: number, bytes: number, buf: Uint8Array, flags = 0, signal?: AbortSignal): Promise<void> {
   const bs = child.bs;
   checkNode(bs);
   checkRequest(offset, bytes);

@@ -12,7 +12,7 @@
 import { defaultChildPerms, type BdrvChild } from '../core/child.ts';
 import type { BlockDriver, BlockDriverInfo, CreateContext, MeasureInfo, ReopenState } from '../core/driver.ts';
 import { BlockError } from '../core/errors.ts';
-import { bdrvCopyRange, bdrvCopyRangeTo, bdrvDebugEvent, bdrvGetInfo, bdrvGetLength, bdrvPdiscard, bdrvPreadv, bdrvPwriteZeroes, bdrvPwritev, bdrvTruncate } from '../core/io.ts';
+import { bdrvCopyRange, bdrvCopyRangeTo, bdrvDebugEvent, bdrvGetInfo, bdrvGetLength, bdrvGetLengthSync, bdrvPdiscard, bdrvPreadv, bdrvPwriteZeroes, bdrvPwritev, bdrvTruncate } from '../core/io.ts';
 import type { BlockNode } from '../core/node.ts';
 import type { CreateOptions } from '../core/options.ts';
 import { BLOCK, PERM, REQ, ROLE, type BlockdevOptions, type BlockStatus } from '../core/types.ts';
@@ -86,6 +86,13 @@ export function bdrvHasZeroInit(bs: BlockNode): boolean {
   if (bs.drv.hasZeroInit) return bs.drv.hasZeroInit(bs);
   const f = bs.filteredChild;
   return f ? bdrvHasZeroInit(f.bs) : false;
+}
+
+/** The raw image's size given its file's current length `len` (updates the state, as getLength always has). */
+function followFileLength(s: RawNodeState, len: number): number {
+  if (len < s.offset) s.size = 0;
+  else s.size = s.hasSize ? Math.min(s.size, len - s.offset) : len - s.offset;
+  return s.size;
 }
 
 /** The raw format driver. */
@@ -189,11 +196,12 @@ export const rawDriver: BlockDriver = {
 
   async getLength(bs) {
     // The file may have changed size under us; follow it, but never past a fixed size.
-    const s = state(bs);
-    const len = await bdrvGetLength(fileChild(bs).bs);
-    if (len < s.offset) s.size = 0;
-    else s.size = s.hasSize ? Math.min(s.size, len - s.offset) : len - s.offset;
-    return s.size;
+    return followFileLength(state(bs), await bdrvGetLength(fileChild(bs).bs));
+  },
+
+  getLengthSync(bs) {
+    const len = bdrvGetLengthSync(fileChild(bs).bs);
+    return len === undefined ? undefined : followFileLength(state(bs), len);
   },
 
   async getAllocatedFileSize(bs) {

@@ -367,6 +367,10 @@ export const memoryDriver: BlockDriver = {
     return state(bs).store.length;
   },
 
+  getLengthSync(bs) {
+    return state(bs).store.length;
+  },
+
   async getAllocatedFileSize(bs) {
     return state(bs).store.allocatedBytes();
   },

@@ -8,7 +8,7 @@ import type { BlockBackend } from '../block-backend.ts';
 import { STRERROR, toBlockError } from '../errors.ts';
 import { bdrvBlockStatusAbove } from '../io.ts';
 import { BLOCK } from '../types.ts';
-import { isZeroBuffer } from '../zero.ts';
+import { firstDifferentByte, firstEqualBlock, firstNonZeroByte } from '../zero.ts';
 
 /** Chunk size of reads (QEMU's IO_BUF_SIZE). */
 export const IO_BUF_SIZE = 2 * 1024 * 1024;
@@ -43,28 +43,25 @@ export interface CompareOptions {
  * length of the prefix (in whole chunks) with the same status.
  */
 export function compareBuffers(a: Uint8Array, b: Uint8Array, bytes: number): { differ: boolean; pnum: number } {
-  const eq = (from: number, to: number): boolean => {
-    for (let i = from; i < to; i++) if (a[i] !== b[i]) return false;
-    return true;
-  };
-  let i = Math.min(bytes, SECTOR);
-  const differ = !eq(0, i);
-  while (i < bytes) {
-    const len = Math.min(bytes - i, SECTOR);
-    if (!eq(i, i + len) !== differ) break;
-    i += len;
+  const x = a.subarray(0, bytes);
+  const y = b.subarray(0, bytes);
+  const first = Math.min(bytes, SECTOR);
+  const differ = firstDifferentByte(x.subarray(0, first), y.subarray(0, first)) >= 0;
+  if (first === bytes) return { differ, pnum: bytes };
+  // One kernel call finds where the status changes: the first equal chunk after differing ones,
+  // or the chunk holding the first differing byte.
+  if (differ) {
+    const eq = firstEqualBlock(x, y, SECTOR);
+    return { differ, pnum: eq < 0 ? bytes : eq };
   }
-  return { differ, pnum: i };
+  const d = firstDifferentByte(x, y);
+  return { differ, pnum: d < 0 ? bytes : d - (d % SECTOR) };
 }
 
 /** QEMU's find_nonzero: the offset of the first 512-byte chunk holding a non-zero byte, or -1. */
 export function findNonzero(buf: Uint8Array): number {
-  const n = buf.length;
-  const end = n - (n % SECTOR);
-  let i = 0;
-  for (; i < end; i += SECTOR) if (!isZeroBuffer(buf.subarray(i, i + SECTOR))) return i;
-  if (i < n && !isZeroBuffer(buf.subarray(i, n))) return i;
-  return -1;
+  const i = firstNonZeroByte(buf);
+  return i < 0 ? -1 : i - (i % SECTOR);
 }
 
 async function read(side: CompareSide, offset: number, buf: Uint8Array): Promise<void> {
@@ -119,6 +116,8 @@ export async function compareImages(a: CompareSide, b: CompareSide, opts: Compar
     return 1;
   }
   let offset = 0;
+  const bufs1 = new Uint8Array(Math.min(IO_BUF_SIZE, Math.max(total, 0)));
+  const bufs2 = new Uint8Array(bufs1.length);
   while (offset < total) {
     const s1 = await status(a, offset, size1 - offset);
     const s2 = await status(b, offset, size2 - offset);
@@ -134,10 +133,12 @@ export async function compareImages(a: CompareSide, b: CompareSide, opts: Compar
     } else if (alloc1 === alloc2) {
       if (alloc1) {
         chunk = Math.min(chunk, IO_BUF_SIZE);
-        const buf1 = new Uint8Array(chunk);
-        const buf2 = new Uint8Array(chunk);
-        await read(a, offset, buf1);
-        await read(b, offset, buf2);
+        const buf1 = bufs1.subarray(0, chunk);
+        const buf2 = bufs2.subarray(0, chunk);
+        // Both reads in flight at once; a failure is reported for the first image first, as reading in turn would.
+        const [r1, r2] = await Promise.allSettled([read(a, offset, buf1), read(b, offset, buf2)]);
+        if (r1.status === 'rejected') throw r1.reason;
+        if (r2.status === 'rejected') throw r2.reason;
         const r = compareBuffers(buf1, buf2, chunk);
         if (r.differ || r.pnum !== chunk) {
           say(`Content mismatch at offset ${offset + (r.differ ? 0 : r.pnum)}!`);

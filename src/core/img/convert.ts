@@ -13,7 +13,7 @@ import { BlockError, STRERROR, toBlockError } from '../errors.ts';
 import { bdrvBlockStatusAbove, filterOrCowBs } from '../io.ts';
 import type { BlockNode } from '../node.ts';
 import { BDRV_REQUEST_MAX_BYTES, BLOCK, REQ } from '../types.ts';
-import { isZeroBuffer } from '../zero.ts';
+import { firstNonZeroByte, firstZeroBlock, isZeroBuffer } from '../zero.ts';
 import { bdrvGetInfo } from './info.ts';
 
 const SECTOR = 512;
@@ -84,8 +84,11 @@ export function isAllocatedSectors(buf: Uint8Array, n: number, sectorNum: number
   // All-zero chunks are the common case in sparse images; one wide check answers them.
   if (isZeroBuffer(buf.subarray(0, n * SECTOR))) return { data: false, pnum: n };
   let isZero = sectorZero(buf, 0);
-  let i = 1;
-  for (; i < n; i++) if (isZero !== sectorZero(buf, i)) break;
+  // One scan finds where the run of like sectors ends: the sector of the first non-zero byte
+  // after zeroes, or the first all-zero sector after data.
+  const span = buf.subarray(0, n * SECTOR);
+  const at = isZero ? firstNonZeroByte(span) : firstZeroBlock(span, SECTOR);
+  let i = at < 0 ? n : Math.floor(at / SECTOR);
   if (i === n) return { data: !isZero, pnum: i };
   const tail = (sectorNum + i) & (alignment - 1);
   if (tail) {

@@ -26,6 +26,8 @@ interface Entry {
   used: boolean;
   /** Readers holding the entry; a referenced entry is never evicted. */
   refs: number;
+  /** The cache's use counter at the last hit or insertion: the smallest is the least recently used. */
+  lastUse: number;
 }
 
 /**
@@ -48,6 +50,8 @@ export type CacheWriter = (offset: number, buf: Uint8Array) => Promise<void>;
 /** An LRU of fixed-size metadata buffers keyed by host offset. */
 export class MetadataCache {
   private readonly entries = new Map<number, Entry>();
+  /** Use counter: a hit stamps the entry with the next value (QEMU's lru_counter), cheaper than reordering on every hit. */
+  private useCounter = 0;
   private readonly loading = new Map<number, Promise<Uint8Array>>();
   /** Loads from storage (counts only; for tests and stats). */
   misses = 0;
@@ -99,7 +103,7 @@ export class MetadataCache {
       // With every entry dirty or pinned and nobody able to write them back now, the buffer is
       // handed out without being cached: a read must not fail for want of cache room.
       if (!(await this.makeRoom(true))) return buf;
-      this.entries.set(offset, { buf, dirty: false, used: true, refs: 0, gen: 0 });
+      this.entries.set(offset, { buf, dirty: false, used: true, refs: 0, gen: 0, lastUse: ++this.useCounter });
       return buf;
     })();
     this.loading.set(offset, p);
@@ -128,8 +132,7 @@ export class MetadataCache {
   async put(offset: number, buf: Uint8Array, dirty: boolean): Promise<void> {
     if (buf.length !== this.entrySize) throw new BlockError('EINVAL', `${this.name} cache entry must be ${this.entrySize} bytes`);
     if (!this.entries.has(offset)) await this.makeRoom(false);
-    this.entries.delete(offset);
-    this.entries.set(offset, { buf, dirty, used: true, refs: 0, gen: 0 });
+    this.entries.set(offset, { buf, dirty, used: true, refs: 0, gen: 0, lastUse: ++this.useCounter });
   }
 
   /** Pins an entry so eviction skips it (QEMU's qcow2_cache_get reference). */
@@ -165,9 +168,9 @@ export class MetadataCache {
 
   /** Offsets of dirty entries, oldest use first. */
   dirtyOffsets(): number[] {
-    const out: number[] = [];
-    for (const [off, e] of this.entries) if (e.dirty) out.push(off);
-    return out;
+    const out: [number, number][] = [];
+    for (const [off, e] of this.entries) if (e.dirty) out.push([e.lastUse, off]);
+    return out.sort((a, b) => a[0] - b[0]).map((x) => x[1]);
   }
 
   /** Writes every dirty entry with `write` (in offset order) and marks it clean; stops at the first error. */
@@ -210,11 +213,9 @@ export class MetadataCache {
     for (let off = offset; off < offset + length; off += this.entrySize) this.entries.delete(off);
   }
 
-  private touch(offset: number, e: Entry): void {
+  private touch(_offset: number, e: Entry): void {
     e.used = true;
-    // Map iteration order is insertion order: re-inserting moves the entry to the young end.
-    this.entries.delete(offset);
-    this.entries.set(offset, e);
+    e.lastUse = ++this.useCounter;
   }
 
   /** Whether a new entry would need a writeback first (every entry dirty or pinned). */
@@ -232,9 +233,11 @@ export class MetadataCache {
   private async makeRoom(soft: boolean): Promise<boolean> {
     let flushed = false;
     while (this.entries.size >= this.maxEntries) {
+      // The least recently used clean, unpinned entry (a scan per eviction, as QEMU's qcow2_cache_do_get does).
       let victim: number | undefined;
+      let oldest = Infinity;
       for (const [off, e] of this.entries) {
-        if (!e.dirty && e.refs === 0) { victim = off; break; }
+        if (!e.dirty && e.refs === 0 && e.lastUse < oldest) { victim = off; oldest = e.lastUse; }
       }
       if (victim === undefined) {
         if (this.onFull && !flushed && !this.flushingForRoom && this.hasDirty) {

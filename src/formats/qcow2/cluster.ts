@@ -253,13 +253,20 @@ export function l1Entry(l1: Uint8Array, i: number): number {
 
 const scanScratch = newL2Scan();
 
+/** Creates an empty mapping result for mapExtent. */
+export function newHostMapping(): HostMapping {
+  return { type: SC.UNALLOCATED_PLAIN, bytes: 0, hostOffset: 0, entryHi: 0, entryLo: 0 };
+}
+
 /**
- * QEMU's qcow2_get_host_offset: maps guest `offset` for up to `bytes` bytes to
- * a subcluster type, host offset and the length that shares them (never
- * crossing an L2 slice). Corrupt metadata yields the error from
- * ctx.corruption with QEMU's wording.
+ * QEMU's qcow2_get_host_offset into `out`: maps guest `offset` for up to
+ * `bytes` bytes to a subcluster type, host offset and the length that shares
+ * them (never crossing an L2 slice). With the L2 slice cached (or no L2 table)
+ * the answer is there on return and the result is undefined; on a cache miss
+ * the returned promise fills `out` once the slice is loaded. Corrupt metadata
+ * throws (or rejects with) the error from ctx.corruption with QEMU's wording.
  */
-export async function getHostOffset(ctx: MappingContext, offset: number, bytes: number): Promise<HostMapping> {
+export function mapExtent(ctx: MappingContext, offset: number, bytes: number, out: HostMapping): Promise<void> | undefined {
   const g = ctx.geometry;
   const clusterSize = 2 ** g.clusterBits;
   const offsetInCluster = offset % clusterSize;
@@ -268,9 +275,11 @@ export async function getHostOffset(ctx: MappingContext, offset: number, bytes: 
   let needed = bytes + offsetInCluster;
   const available = (ctx.l2SliceEntries - sliceIndex) * clusterSize;
   if (needed > available) needed = available;
-  const result: HostMapping = { type: SC.UNALLOCATED_PLAIN, bytes: 0, hostOffset: 0, entryHi: 0, entryLo: 0 };
+  out.type = SC.UNALLOCATED_PLAIN;
+  out.hostOffset = 0;
+  out.entryHi = 0;
+  out.entryLo = 0;
   const l1Index = Math.floor(clusterIndex / ctx.l2Entries);
-  let got = needed;
   if (l1Index < ctx.l1Size) {
     const l2Offset = l1Entry(ctx.l1, l1Index);
     if (l2Offset !== 0) {
@@ -281,41 +290,65 @@ export async function getHostOffset(ctx: MappingContext, offset: number, bytes: 
       const entryBytes = g.extended ? 16 : 8;
       const sliceOffset = l2Offset + Math.floor(l2Index / ctx.l2SliceEntries) * ctx.l2SliceEntries * entryBytes;
       const loaded = ctx.loadL2Slice(sliceOffset, () => `L2 table offset ${hex(l2Offset)} beyond the end of the image file (L1 index: ${hex(l1Index)})`);
-      // Cache hits come back synchronously; only misses pay for an await.
-      const slice = loaded instanceof Uint8Array ? loaded : await loaded;
-      const scIndex = Math.floor(offsetInCluster / 2 ** g.subclusterBits);
-      const nbClusters = Math.ceil(needed / clusterSize);
-      const s = scanScratch;
-      kernel.scan(slice, sliceIndex, scIndex, nbClusters, g, s);
-      const type = s.type;
-      if (ctx.version < 3 && (type === SC.ZERO_PLAIN || type === SC.ZERO_ALLOC)) {
-        throw ctx.corruption(`Zero cluster entry found in pre-v3 image (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(sliceIndex)})`);
+      // Cache hits come back synchronously; only misses pay for a continuation.
+      if (loaded instanceof Uint8Array) {
+        scanSlice(ctx, loaded, offset, offsetInCluster, sliceIndex, needed, l2Offset, out);
+        return undefined;
       }
-      if (type === SC.INVALID || s.count <= 0) {
-        throw ctx.corruption(`Invalid cluster entry found  (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(s.invalidIndex >= 0 ? s.invalidIndex : sliceIndex)})`);
-      }
-      result.type = type;
-      result.entryHi = s.entryHi;
-      result.entryLo = s.entryLo;
-      if (type === SC.COMPRESSED) {
-        if (g.hasDataFile) {
-          throw ctx.corruption(`Compressed cluster entry found in image with external data file (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(sliceIndex)})`);
-        }
-      } else if (type === SC.NORMAL || type === SC.ZERO_ALLOC || type === SC.UNALLOCATED_ALLOC) {
-        const host = s.hostCluster;
-        if (host < 0 || host % clusterSize !== 0) {
-          throw ctx.corruption(`Cluster allocation offset ${host < 0 ? 'beyond 2^53' : hex(host)} unaligned (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(sliceIndex)})`);
-        }
-        if (g.hasDataFile && host !== offset - offsetInCluster) {
-          throw ctx.corruption(`External data file host cluster offset ${hex(host)} does not match guest cluster offset: ${hex(offset - offsetInCluster)}, L2 index: ${hex(sliceIndex)})`);
-        }
-        result.hostOffset = host + offsetInCluster;
-      }
-      got = (s.count + scIndex) * 2 ** g.subclusterBits;
+      return loaded.then((slice) => scanSlice(ctx, slice, offset, offsetInCluster, sliceIndex, needed, l2Offset, out));
     }
   }
+  out.bytes = needed - offsetInCluster;
+  return undefined;
+}
+
+/** The L2-slice half of mapExtent: runs the L2 kernel once and checks what it found. */
+function scanSlice(ctx: MappingContext, slice: Uint8Array, offset: number, offsetInCluster: number, sliceIndex: number, needed: number, l2Offset: number, out: HostMapping): void {
+  const g = ctx.geometry;
+  const clusterSize = 2 ** g.clusterBits;
+  const scIndex = Math.floor(offsetInCluster / 2 ** g.subclusterBits);
+  const nbClusters = Math.ceil(needed / clusterSize);
+  const s = scanScratch;
+  kernel.scan(slice, sliceIndex, scIndex, nbClusters, g, s);
+  const type = s.type;
+  if (ctx.version < 3 && (type === SC.ZERO_PLAIN || type === SC.ZERO_ALLOC)) {
+    throw ctx.corruption(`Zero cluster entry found in pre-v3 image (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(sliceIndex)})`);
+  }
+  if (type === SC.INVALID || s.count <= 0) {
+    throw ctx.corruption(`Invalid cluster entry found  (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(s.invalidIndex >= 0 ? s.invalidIndex : sliceIndex)})`);
+  }
+  out.type = type;
+  out.entryHi = s.entryHi;
+  out.entryLo = s.entryLo;
+  if (type === SC.COMPRESSED) {
+    if (g.hasDataFile) {
+      throw ctx.corruption(`Compressed cluster entry found in image with external data file (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(sliceIndex)})`);
+    }
+  } else if (type === SC.NORMAL || type === SC.ZERO_ALLOC || type === SC.UNALLOCATED_ALLOC) {
+    const host = s.hostCluster;
+    if (host < 0 || host % clusterSize !== 0) {
+      throw ctx.corruption(`Cluster allocation offset ${host < 0 ? 'beyond 2^53' : hex(host)} unaligned (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(sliceIndex)})`);
+    }
+    if (g.hasDataFile && host !== offset - offsetInCluster) {
+      throw ctx.corruption(`External data file host cluster offset ${hex(host)} does not match guest cluster offset: ${hex(offset - offsetInCluster)}, L2 index: ${hex(sliceIndex)})`);
+    }
+    out.hostOffset = host + offsetInCluster;
+  }
+  let got = (s.count + scIndex) * 2 ** g.subclusterBits;
   if (got > needed) got = needed;
-  result.bytes = got - offsetInCluster;
+  out.bytes = got - offsetInCluster;
+}
+
+/**
+ * QEMU's qcow2_get_host_offset: maps guest `offset` for up to `bytes` bytes to
+ * a subcluster type, host offset and the length that shares them (never
+ * crossing an L2 slice). Corrupt metadata yields the error from
+ * ctx.corruption with QEMU's wording.
+ */
+export async function getHostOffset(ctx: MappingContext, offset: number, bytes: number): Promise<HostMapping> {
+  const result = newHostMapping();
+  const p = mapExtent(ctx, offset, bytes, result);
+  if (p) await p;
   return result;
 }
 

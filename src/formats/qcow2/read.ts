@@ -8,7 +8,7 @@
 import { BlockError, toBlockError } from '../../core/errors.ts';
 import { bdrvDebugEvent, bdrvPread, bdrvPreadv } from '../../core/io.ts';
 import type { BlockNode } from '../../core/node.ts';
-import { getHostOffset, parseCompressedEntry, SC, type HostMapping } from './cluster.ts';
+import { getHostOffset, mapExtent, newHostMapping, parseCompressedEntry, SC, type HostMapping } from './cluster.ts';
 import { decompressCluster } from './compress.ts';
 import { corruption, state, type Qcow2State } from './state.ts';
 
@@ -33,7 +33,7 @@ export async function readCompressed(bs: BlockNode, s: Qcow2State, hi: number, l
   out.set(data.subarray(inCluster, inCluster + bytes));
 }
 
-/** Reads one mapped extent into `out` (QEMU's qcow2_co_preadv_task plus the zero cases of qcow2_co_preadv_part). */
+/** Reads one mapped extent into `out` (QEMU's qcow2_co_preadv_task plus the zero cases of qcow2_co_preadv_part); reads `m` only before returning. */
 function readExtent(bs: BlockNode, s: Qcow2State, m: HostMapping, cur: number, out: Uint8Array, signal?: AbortSignal): Promise<void> {
   switch (m.type) {
     case SC.ZERO_PLAIN:
@@ -51,14 +51,16 @@ function readExtent(bs: BlockNode, s: Qcow2State, m: HostMapping, cur: number, o
       return Promise.resolve();
     case SC.COMPRESSED:
     {
+      const { entryHi, entryLo } = m;
       const e = bdrvDebugEvent(bs.file?.bs, 'read_compressed');
-      return e ? e.then(() => readCompressed(bs, s, m.entryHi, m.entryLo, cur, out.length, out)) : readCompressed(bs, s, m.entryHi, m.entryLo, cur, out.length, out);
+      return e ? e.then(() => readCompressed(bs, s, entryHi, entryLo, cur, out.length, out)) : readCompressed(bs, s, entryHi, entryLo, cur, out.length, out);
     }
     case SC.NORMAL:
     {
       // QEMU announces data reads on the image file even with an external data file.
+      const host = m.hostOffset;
       const e = bdrvDebugEvent(bs.file?.bs, 'read_aio');
-      return e ? e.then(() => bdrvPreadv(s.dataFile, m.hostOffset, out.length, out, 0, signal)) : bdrvPreadv(s.dataFile, m.hostOffset, out.length, out, 0, signal);
+      return e ? e.then(() => bdrvPreadv(s.dataFile, host, out.length, out, 0, signal)) : bdrvPreadv(s.dataFile, host, out.length, out, 0, signal);
     }
     default:
       return Promise.reject(corruption(bs, `unexpected subcluster type ${m.type}`));
@@ -68,9 +70,38 @@ function readExtent(bs: BlockNode, s: Qcow2State, m: HostMapping, cur: number, o
 /** Most sub-requests of one guest request kept in flight at once (QEMU's QCOW2_MAX_WORKERS). */
 const MAX_WORKERS = 8;
 
-/** Reads `bytes` guest bytes at `offset` into `buf` (the driver's preadv; also the copy-on-write source read). */
-export async function qcow2Preadv(bs: BlockNode, offset: number, bytes: number, buf: Uint8Array, _flags: number, signal?: AbortSignal): Promise<void> {
+/** Mapping scratch of the synchronous first step of qcow2Preadv (read before any await, so one object serves every request). */
+const fastMapping = newHostMapping();
+
+/**
+ * Reads `bytes` guest bytes at `offset` into `buf` (the driver's preadv; also
+ * the copy-on-write source read). When the L2 slice is cached and one extent
+ * covers the whole request (the common case: one L2 kernel call over the
+ * request's clusters), the data read is issued in the same turn and its
+ * promise returned; anything else takes the general loop.
+ */
+export function qcow2Preadv(bs: BlockNode, offset: number, bytes: number, buf: Uint8Array, flags: number, signal?: AbortSignal): Promise<void> {
   const s = state(bs);
+  if (!signal?.aborted) {
+    const m = fastMapping;
+    let pending: Promise<void> | undefined;
+    try {
+      pending = mapExtent(s.mapping, offset, bytes, m);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    if (pending) {
+      // A cache miss: the general loop below shares the slice load; its outcome is reported there.
+      pending.catch(() => undefined);
+    } else if (m.bytes === bytes) {
+      return readExtent(bs, s, m, offset, buf.length === bytes ? buf : buf.subarray(0, bytes), signal);
+    }
+  }
+  return qcow2PreadvLoop(bs, s, offset, bytes, buf, flags, signal);
+}
+
+/** The general read loop: extent by extent, up to MAX_WORKERS data reads in flight. */
+async function qcow2PreadvLoop(bs: BlockNode, s: Qcow2State, offset: number, bytes: number, buf: Uint8Array, _flags: number, signal?: AbortSignal): Promise<void> {
   const inflight = new Set<Promise<void>>();
   let failure: unknown;
   let done = 0;
@@ -88,7 +119,7 @@ export async function qcow2Preadv(bs: BlockNode, offset: number, bytes: number, 
     const m = await getHostOffset(s.mapping, cur, bytes - done);
     const n = m.bytes;
     if (done === 0 && n === bytes) {
-      // One extent covers the whole request (the common case): no task bookkeeping.
+      // One extent covers the whole request: no task bookkeeping.
       await readExtent(bs, s, m, cur, buf.subarray(0, n), signal);
       return;
     }
@@ -103,4 +134,3 @@ export async function qcow2Preadv(bs: BlockNode, offset: number, bytes: number, 
   await Promise.all(inflight);
   if (failure !== undefined) throw failure;
 }
-
