@@ -40,6 +40,38 @@ function collect(kind: string, dst: Uint8Array, run: (sink: (chunk: Uint8Array) 
   if (pos !== dst.length) throw decompressError(kind, `${pos} bytes instead of ${dst.length}`);
 }
 
+/**
+ * A native raw-deflate decoder (Node's zlib), given the compressed bytes and
+ * the most output wanted: returns the decompressed bytes or throws. The
+ * platform entry installs it; without one, fflate decodes everything.
+ */
+export type RawInflate = (src: Uint8Array, maxOutput: number) => Uint8Array;
+let nativeInflate: RawInflate | undefined;
+
+/** Installs (or with undefined removes) the native raw-deflate decoder for zlib clusters. */
+export function setRawInflate(f: RawInflate | undefined): void {
+  nativeInflate = f;
+}
+
+/**
+ * The native decoder's answer when it is an exact, valid cluster, else
+ * false: every other outcome (corrupt data, short or long output, padding the
+ * decoder will not skip) is left to the fflate path, whose verdicts and
+ * messages are the reference.
+ */
+function inflateNative(src: Uint8Array, dst: Uint8Array): boolean {
+  if (!nativeInflate) return false;
+  let out: Uint8Array;
+  try {
+    out = nativeInflate(src, dst.length + 1);
+  } catch {
+    return false;
+  }
+  if (out.length !== dst.length) return false;
+  dst.set(out);
+  return true;
+}
+
 /** Marker thrown to stop fzstd once the cluster is full. */
 class ClusterFull extends Error {}
 
@@ -50,6 +82,7 @@ class ClusterFull extends Error {}
  */
 export function decompressCluster(type: number, src: Uint8Array, dst: Uint8Array): void {
   if (type === COMPRESSION_TYPE.ZLIB) {
+    if (inflateNative(src, dst)) return;
     collect('zlib', dst, (sink) => {
       const inf = new Inflate((chunk) => sink(chunk));
       inf.push(src, true);

@@ -21,7 +21,11 @@ export async function readCompressed(bs: BlockNode, s: Qcow2State, hi: number, l
   } else {
     const { offset: coffset, size } = parseCompressedEntry(hi, lo, s.clusterBits);
     const src = await bdrvPread(bs.file!, coffset, size);
-    data = new Uint8Array(s.clusterSize);
+    // The previous cluster's buffer is reused: from here to the copy below nothing awaits, so no
+    // other read can be holding it, and it is unlinked first so a failure cannot leave it half-written.
+    const prev = s.lastCompressed?.data;
+    data = prev && prev.length === s.clusterSize ? prev : new Uint8Array(s.clusterSize);
+    delete s.lastCompressed;
     try {
       decompressCluster(s.header.compressionType, src, data);
     } catch (e) {

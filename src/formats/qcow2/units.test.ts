@@ -6,7 +6,7 @@ import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { computeCacheSizes, MetadataCache } from './cache.ts';
 import { jsL2Kernel, newL2Scan, SC, type L2Geometry } from './cluster.ts';
-import { compressCluster, decompressCluster } from './compress.ts';
+import { compressCluster, decompressCluster, setRawInflate, type RawInflate } from './compress.ts';
 import { COMPRESSION_TYPE, parseExtensions, parseHeader, serializeHeader, type Qcow2Extensions, type Qcow2Header } from './header.ts';
 import { jsRefcountKernel, refcountMetadataSize } from './refcount.ts';
 
@@ -245,6 +245,42 @@ describe('compression', () => {
     expect(() => decompressCluster(COMPRESSION_TYPE.ZLIB, c, new Uint8Array(8192))).toThrow(/decompression failed/);
     expect(() => decompressCluster(COMPRESSION_TYPE.ZLIB, c, new Uint8Array(1024))).toThrow(/decompression failed/);
     await expect(compressCluster(7, rnd, 4095)).rejects.toThrow(/unknown compression type/);
+  });
+});
+
+describe('native zlib decoding', () => {
+  it('gives the same verdict and bytes as fflate on valid, padded, truncated, corrupt, short and long clusters', async () => {
+    const { inflateRawSync, constants } = await import('node:zlib');
+    const native: RawInflate = (src, max) => inflateRawSync(src, { finishFlush: constants.Z_SYNC_FLUSH, maxOutputLength: max });
+    const outcome = (src: Uint8Array, size: number): string => {
+      const out = new Uint8Array(size);
+      try {
+        decompressCluster(COMPRESSION_TYPE.ZLIB, src, out);
+        return `ok ${Buffer.from(out).toString('hex')}`;
+      } catch (e) {
+        return `error ${(e as Error).message}`;
+      }
+    };
+    await fc.assert(
+      fc.asyncProperty(fc.uint8Array({ minLength: 0, maxLength: 4096 }), fc.integer({ min: 0, max: 511 }), fc.integer({ min: -40, max: 40 }), fc.constantFrom(1024, 4096, 8192), async (seed, pad, cut, size) => {
+        const cluster = new Uint8Array(4096);
+        cluster.set(seed);
+        const c = (await compressCluster(COMPRESSION_TYPE.ZLIB, cluster, 1 << 20))!;
+        const variants = [new Uint8Array(c.length + pad).fill(0xee), c.subarray(0, Math.max(0, c.length + Math.min(cut, 0))), c.map((b, i) => (i === (pad % c.length) ? b ^ 0x5a : b))];
+        variants[0]!.set(c);
+        for (const v of variants) {
+          setRawInflate(undefined);
+          const ref = outcome(v, size);
+          setRawInflate(native);
+          try {
+            expect(outcome(v, size)).toBe(ref);
+          } finally {
+            setRawInflate(undefined);
+          }
+        }
+      }),
+      { numRuns: 60 },
+    );
   });
 });
 
