@@ -142,7 +142,7 @@ export function installKernels(k: Kernels): void {
   setZeroCheck(k.isZero);
   setZeroScan({ firstNonZero: k.firstNonZero, firstZeroBlock: k.firstZeroBlock, firstDifference: k.firstDifference, firstEqualBlock: k.firstEqualBlock });
   setBitmapKernel(k.bitmap);
-  setQcow2Kernels(k.wasm ? { l2: k.l2, refcount: k.refcount } : jsQcow2Kernels);
+  setQcow2Kernels(k.wasm ? { l2: k.l2, refcount: k.refcount, tables: k.byteorder } : jsQcow2Kernels);
   const pool = k.pool;
   setCacheBufferAllocator(pool ? (size) => pool.allocate(size) : (size) => new Uint8Array(size));
 }

@@ -8,7 +8,7 @@ import { BlockError } from '../../core/errors.ts';
 import type { BlockNode } from '../../core/node.ts';
 import type { MetadataCache } from './cache.ts';
 import type { MappingContext } from './cluster.ts';
-import { l1Entry } from './cluster.ts';
+import { tableSearchKernel } from './kernels.ts';
 import { hex, INCOMPAT, type Qcow2Extensions, type Qcow2Header } from './header.ts';
 import type { RefcountState } from './refcount.ts';
 import type { Qcow2Snapshot } from './snapshot.ts';
@@ -205,6 +205,11 @@ export function setL1(s: Qcow2State, i: number, offset: number, copied: boolean)
 // ---------------------------------------------------------------------------
 // Metadata overlap check (QEMU's qcow2_check_metadata_overlap, 'cached' level)
 
+/** L1E_OFFSET_MASK (bits 9..55) and the refcount table's offset mask (bits 9..63) as 32-bit halves. */
+const L1E_MASK_HI = 0x00ffffff;
+const L1E_MASK_LO = 0xfffffe00;
+const REFT_MASK_LO = 0xfffffe00;
+
 function overlapsWith(offset: number, size: number, start: number, len: number): boolean {
   return len > 0 && offset < start + len && start < offset + size;
 }
@@ -231,30 +236,18 @@ export function metadataOverlap(s: Qcow2State, ign: number, offset: number, size
   if (chk & OL.INACTIVE_L1) {
     for (const sn of s.snapshots) if (overlapsWith(offset, size, sn.l1TableOffset, sn.l1Size * 8)) return OL.INACTIVE_L1;
   }
-  if (chk & OL.ACTIVE_L2) {
-    const n = s.mapping.l1Size;
-    for (let i = 0; i < n; i++) {
-      const o = l1Entry(s.l1, i);
-      if (o > 0 && overlapsWith(offset, size, o, cs)) return OL.ACTIVE_L2;
-    }
-  }
-  if (chk & OL.REFCOUNT_BLOCK) {
-    const n = s.refcount.tableSize;
-    for (let i = 0; i < n; i++) {
-      const o = s.refcount.tableEntry(i);
-      if (o > 0 && overlapsWith(offset, size, o, cs)) return OL.REFCOUNT_BLOCK;
-    }
-  }
+  // A table of one cluster at o overlaps [offset, offset+size) when o lies in [offset-cs+1, offset+size):
+  // one kernel search over the whole L1 or refcount table instead of a decode per entry.
+  const lo = Math.max(1, offset - cs + 1);
+  const hi = offset + size;
+  const find = tableSearchKernel();
+  if (chk & OL.ACTIVE_L2 && find.findInRange(s.l1.subarray(0, 8 * s.mapping.l1Size), L1E_MASK_HI, L1E_MASK_LO, lo, hi) >= 0) return OL.ACTIVE_L2;
+  if (chk & OL.REFCOUNT_BLOCK && find.findInRange(s.refcount.table, 0xffffffff, REFT_MASK_LO, lo, hi) >= 0) return OL.REFCOUNT_BLOCK;
   if (chk & OL.BITMAP_DIRECTORY && s.ext.bitmaps && overlapsWith(offset, size, s.ext.bitmaps.directoryOffset, s.ext.bitmaps.directorySize)) {
     return OL.BITMAP_DIRECTORY;
   }
   if (chk & OL.INACTIVE_L2 && inactiveL1s) {
-    for (const l1 of inactiveL1s) {
-      for (let i = 0; i < l1.length / 8; i++) {
-        const o = l1Entry(l1, i);
-        if (o > 0 && overlapsWith(offset, size, o, cs)) return OL.INACTIVE_L2;
-      }
-    }
+    for (const l1 of inactiveL1s) if (find.findInRange(l1, L1E_MASK_HI, L1E_MASK_LO, lo, hi) >= 0) return OL.INACTIVE_L2;
   }
   return 0;
 }

@@ -377,6 +377,11 @@ async function zeroCowSpace(bs: BlockNode, s: Qcow2State, hostStart: number, len
 async function copyOnWrite(bs: BlockNode, s: Qcow2State, run: Plan[], host: number, data: Uint8Array, written: number): Promise<void> {
   const first = run[0]!;
   const last = run[run.length - 1]!;
+  if (first.cowStart === first.wStart && written === last.cowEnd - first.cowStart && run.every((p) => p.cowStart === p.wStart && p.wEnd === p.cowEnd)) {
+    // The guest data covers every byte of the new clusters: nothing to copy, and no bounce buffer.
+    await writeData(s, host + (first.cowStart - first.clusterStart), data.subarray(0, written));
+    return;
+  }
   const buf = new Uint8Array(last.cowEnd - first.cowStart);
   const base = first.cowStart;
   let cowRead = false;
