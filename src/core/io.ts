@@ -244,12 +244,22 @@ async function copyOnReadv(bs: BlockNode, req: TrackedRequest, offset: number, b
 
 /** Whether an older serialising request overlaps `req` (or `req` is serialising and overlaps an older one): the synchronous test of waitSerialising. */
 function hasSerialisingConflict(bs: BlockNode, req: TrackedRequest): boolean {
+  if (bs.trackedRequests.size === 1) return false;
   for (const other of bs.trackedRequests) {
     if (other === req || other.seq > req.seq) continue;
     if (!other.serialising && !req.serialising) continue;
     if (overlaps(req, other)) return true;
   }
   return false;
+}
+
+/** Waits for a fast-path driver read and ends its request (an async function: one resumption, no closures). */
+async function fastReadTail(bs: BlockNode, req: TrackedRequest, p: Promise<void>): Promise<void> {
+  try {
+    await p;
+  } finally {
+    fastReadDone(bs, req);
+  }
 }
 
 /** Ends a request started on the fast read path. */
@@ -298,13 +308,7 @@ export function bdrvPreadv(child: BdrvChild, offset: number, bytes: number, buf:
         fastReadDone(bs, req);
         return Promise.reject(e);
       }
-      return p.then(
-        () => fastReadDone(bs, req),
-        (e: unknown) => {
-          fastReadDone(bs, req);
-          throw e;
-        },
-      );
+      return fastReadTail(bs, req, p);
     }
     // Something serialising overlaps: the general path waits for it.
     trackEnd(bs, req);

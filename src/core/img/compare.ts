@@ -82,8 +82,8 @@ async function status(side: CompareSide, offset: number, bytes: number): Promise
 }
 
 /** check_empty_sectors: 0 when the range reads as zeroes, else 1 after saying where it does not. */
-async function checkEmpty(side: CompareSide, offset: number, bytes: number, say: (l: string) => void): Promise<number> {
-  const buf = new Uint8Array(bytes);
+async function checkEmpty(side: CompareSide, offset: number, bytes: number, say: (l: string) => void, scratch?: Uint8Array): Promise<number> {
+  const buf = scratch && scratch.length >= bytes ? scratch.subarray(0, bytes) : new Uint8Array(bytes);
   await read(side, offset, buf);
   const idx = findNonzero(buf);
   if (idx >= 0) {
@@ -147,7 +147,7 @@ export async function compareImages(a: CompareSide, b: CompareSide, opts: Compar
       }
     } else {
       chunk = Math.min(chunk, IO_BUF_SIZE);
-      if (await checkEmpty(alloc1 ? a : b, offset, chunk, say)) return 1;
+      if (await checkEmpty(alloc1 ? a : b, offset, chunk, say, bufs1)) return 1;
     }
     offset += chunk;
     opts.progress?.(chunk, base);
