@@ -18,7 +18,7 @@ const ROOT = fileURLToPath(new URL('..', import.meta.url));
 export const CLI_BUNDLE = join(ROOT, 'build', 'cli', 'cli.mjs');
 const MANIFEST = join(ROOT, 'build', 'cli', 'inputs.json');
 /** Bumped when the build settings change, so older bundles count as stale. */
-const FORMAT = 1;
+const FORMAT = 2;
 
 /** True when the bundle is missing, was built with other settings, or any of its sources changed since. */
 export function cliBundleStale() {
@@ -61,7 +61,7 @@ export async function buildCliBundle(verbose = false) {
   try {
     const result = await esbuild.build({
       stdin: {
-        contents: "export { qblockImg } from './src/cli/qblock-img.ts';\nexport { qblockIo } from './src/cli/qblock-io.ts';\n",
+        contents: "export { qblockImg } from './src/cli/qblock-img.ts';\nexport { qblockIo } from './src/cli/qblock-io.ts';\nexport { setFileSyncIo } from './src/protocols/file.ts';\n",
         resolveDir: ROOT,
         sourcefile: 'cli-entry.ts',
         loader: 'ts',

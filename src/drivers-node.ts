@@ -3,7 +3,7 @@
  * `new Graph({ drivers: nodeDrivers(), defaultProtocol: 'file' })`.
  * Engineers adding a driver that runs in Node list it here.
  */
-import { constants as zlibConstants, inflateRawSync } from 'node:zlib';
+import { inflateRawSync } from 'node:zlib';
 import type { BlockDriver } from './core/driver.ts';
 import { filterDrivers } from './filters/index.ts';
 import { setRawInflate } from './formats/qcow2/compress.ts';
@@ -16,7 +16,7 @@ import { memoryDriver } from './protocols/memory.ts';
 import { nullAioDriver, nullCoDriver } from './protocols/null.ts';
 
 // zlib clusters decode with Node's native zlib (several times fflate's speed); fflate stays the reference.
-setRawInflate((src, maxOutput) => inflateRawSync(src, { finishFlush: zlibConstants.Z_SYNC_FLUSH, maxOutputLength: maxOutput }));
+setRawInflate((src, maxOutput) => inflateRawSync(src, { maxOutputLength: maxOutput }));
 
 /** The drivers a Node graph registers, protocols first; raw is always present as the probing fallback. */
 export function nodeDrivers(): BlockDriver[] {

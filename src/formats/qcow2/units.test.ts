@@ -250,8 +250,9 @@ describe('compression', () => {
 
 describe('native zlib decoding', () => {
   it('gives the same verdict and bytes as fflate on valid, padded, truncated, corrupt, short and long clusters', async () => {
-    const { inflateRawSync, constants } = await import('node:zlib');
-    const native: RawInflate = (src, max) => inflateRawSync(src, { finishFlush: constants.Z_SYNC_FLUSH, maxOutputLength: max });
+    // The decoder drivers-node.ts installs: a stream must end (Z_FINISH), padding after its end is ignored.
+    const { inflateRawSync } = await import('node:zlib');
+    const native: RawInflate = (src, max) => inflateRawSync(src, { maxOutputLength: max });
     const outcome = (src: Uint8Array, size: number): string => {
       const out = new Uint8Array(size);
       try {
@@ -279,7 +280,7 @@ describe('native zlib decoding', () => {
           }
         }
       }),
-      { numRuns: 60 },
+      { numRuns: 300 },
     );
   });
 });
