@@ -227,6 +227,8 @@ export interface MappingContext {
    * miss it refuses a slice past the end of the file with `describe()`.
    */
   loadL2Slice(offset: number, describe: () => string): Uint8Array | Promise<Uint8Array>;
+  /** The cached L2 slice at host offset `offset`, counted as a use, or undefined (then loadL2Slice loads it). */
+  lookupL2Slice?(offset: number): Uint8Array | undefined;
   /** Builds the error for a corruption (QEMU's qcow2_signal_corruption, fatal). */
   corruption(message: string): BlockError;
 }
@@ -268,7 +270,8 @@ export function newHostMapping(): HostMapping {
  */
 export function mapExtent(ctx: MappingContext, offset: number, bytes: number, out: HostMapping): Promise<void> | undefined {
   const g = ctx.geometry;
-  const clusterSize = 2 ** g.clusterBits;
+  // Cluster bits are at most 21, so the shift is exact.
+  const clusterSize = 1 << g.clusterBits;
   const offsetInCluster = offset % clusterSize;
   const clusterIndex = Math.floor(offset / clusterSize);
   const sliceIndex = clusterIndex % ctx.l2SliceEntries;
@@ -289,8 +292,8 @@ export function mapExtent(ctx: MappingContext, offset: number, bytes: number, ou
       const l2Index = clusterIndex % ctx.l2Entries;
       const entryBytes = g.extended ? 16 : 8;
       const sliceOffset = l2Offset + Math.floor(l2Index / ctx.l2SliceEntries) * ctx.l2SliceEntries * entryBytes;
-      const loaded = ctx.loadL2Slice(sliceOffset, () => `L2 table offset ${hex(l2Offset)} beyond the end of the image file (L1 index: ${hex(l1Index)})`);
       // Cache hits come back synchronously; only misses pay for a continuation.
+      const loaded = ctx.lookupL2Slice?.(sliceOffset) ?? ctx.loadL2Slice(sliceOffset, () => `L2 table offset ${hex(l2Offset)} beyond the end of the image file (L1 index: ${hex(l1Index)})`);
       if (loaded instanceof Uint8Array) {
         scanSlice(ctx, loaded, offset, offsetInCluster, sliceIndex, needed, l2Offset, out);
         return undefined;
@@ -305,8 +308,8 @@ export function mapExtent(ctx: MappingContext, offset: number, bytes: number, ou
 /** The L2-slice half of mapExtent: runs the L2 kernel once and checks what it found. */
 function scanSlice(ctx: MappingContext, slice: Uint8Array, offset: number, offsetInCluster: number, sliceIndex: number, needed: number, l2Offset: number, out: HostMapping): void {
   const g = ctx.geometry;
-  const clusterSize = 2 ** g.clusterBits;
-  const scIndex = Math.floor(offsetInCluster / 2 ** g.subclusterBits);
+  const clusterSize = 1 << g.clusterBits;
+  const scIndex = offsetInCluster >>> g.subclusterBits;
   const nbClusters = Math.ceil(needed / clusterSize);
   const s = scanScratch;
   kernel.scan(slice, sliceIndex, scIndex, nbClusters, g, s);
@@ -334,7 +337,7 @@ function scanSlice(ctx: MappingContext, slice: Uint8Array, offset: number, offse
     }
     out.hostOffset = host + offsetInCluster;
   }
-  let got = (s.count + scIndex) * 2 ** g.subclusterBits;
+  let got = (s.count + scIndex) * (1 << g.subclusterBits);
   if (got > needed) got = needed;
   out.bytes = got - offsetInCluster;
 }

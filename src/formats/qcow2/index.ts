@@ -300,6 +300,7 @@ async function qcow2Open(bs: BlockNode, options: Record<string, unknown>, flags:
       l1Size: h.l1Size,
       l2SliceEntries,
       l2Entries,
+      lookupL2Slice: (offset) => s.l2Cache.lookup(offset),
       loadL2Slice: (offset, describe) =>
         s.l2Cache.lookup(offset) ??
         s.l2Cache.get(offset, async (buf) => {
