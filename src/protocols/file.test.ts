@@ -11,7 +11,7 @@ import { bdrvBlockStatus, bdrvFlush, bdrvGetLength, bdrvPreadv, bdrvPwriteZeroes
 import type { BlockNode } from '../core/node.ts';
 import { BLOCK, OPEN, PERM, REQ, type BlockdevOptions } from '../core/types.ts';
 import { nodeDrivers } from '../drivers-node.ts';
-import { fileDriver, openError, type FileNodeState } from './file.ts';
+import { fileDriver, openError, setFileSyncIo, type FileNodeState } from './file.ts';
 
 let dir = '';
 let seq = 0;
@@ -217,6 +217,53 @@ describe('file I/O', () => {
     await bdrvFlush(bs);
     expect(await fileDriver.getAllocatedFileSize!(bs)).toBeGreaterThanOrEqual(before + 65536);
     expect(fileDriver.hasZeroInit!(bs)).toBe(true);
+  });
+});
+
+describe('file I/O with synchronous system calls (setFileSyncIo, as qblock-img runs)', () => {
+  it('reads, zero-fills past EOF, writes and grows exactly as the thread-pool path does, small and large', async () => {
+    const data = new Uint8Array(600 * 1024);
+    for (let i = 0; i < data.length; i++) data[i] = (i * 31 + 7) & 0xff;
+    const results: number[][][] = [];
+    for (const sync of [false, true]) {
+      setFileSyncIo(sync);
+      try {
+        const p = await file(data);
+        const { bs, root, g } = await openNode(p);
+        const small = new Uint8Array(8).fill(0xee);
+        await fileDriver.preadv!(bs, data.length - 3, 8, small, 0);
+        // 512 KiB: above the synchronous limit, so the thread pool serves it even in sync mode.
+        const big = new Uint8Array(512 * 1024);
+        await bdrvPreadv(root, 4096, big.length, big);
+        await bdrvPwritev(root, data.length + 10, 2, new Uint8Array([5, 6]));
+        await bdrvPwritev(root, 100, 300 * 1024, data.subarray(0, 300 * 1024));
+        const grown = (await fsp.stat(p)).size;
+        const back = await readBack(root, data.length - 4, 16);
+        const mid = await readBack(root, 100 + 1000, 64);
+        results.push([[...small], [...big.subarray(0, 64)], [...big.subarray(big.length - 64)], [grown], back, mid]);
+        expect(Buffer.from(big).equals(Buffer.from(data.subarray(4096, 4096 + big.length)))).toBe(true);
+        await g.closeAll();
+      } finally {
+        setFileSyncIo(false);
+      }
+    }
+    expect(results[1]).toEqual(results[0]);
+    expect(results[1]![0]).toEqual([...data.subarray(data.length - 3), 0, 0, 0, 0, 0]);
+  });
+
+  it('reports read and write errors with the same codes', async () => {
+    setFileSyncIo(true);
+    try {
+      const p = await file(new Uint8Array(4096));
+      const { bs } = await openNode(p, { 'read-only': true });
+      expect(await code(fileDriver.pwritev!(bs, 0, 512, new Uint8Array(512), 0))).toMatch(/^EBADF|^EACCES|^EPERM|^EIO/);
+      setFileSyncIo(false);
+      const again = await code(fileDriver.pwritev!(bs, 0, 512, new Uint8Array(512), 0));
+      setFileSyncIo(true);
+      expect(await code(fileDriver.pwritev!(bs, 0, 512, new Uint8Array(512), 0))).toBe(again);
+    } finally {
+      setFileSyncIo(false);
+    }
   });
 });
 

@@ -13,6 +13,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { setFileSyncIo } from '../../protocols/file.ts';
 import { BufferedIO } from '../runtime.ts';
 
 /** One differential case. */
@@ -272,7 +273,14 @@ export async function runCase(c: ToolCase): Promise<{ qemu: RunResult; ours: Run
       runQemu([c.tool, ...substitute(argv, qdir)], qdir, c.stdin),
       (async () => {
         const io = new BufferedIO(c.stdin ?? '');
-        const status = await main(substitute(argv, odir), io);
+        // As bin/run.mjs does: qblock-img does its file I/O synchronously, qblock-io through the thread pool.
+        setFileSyncIo(c.tool === 'qemu-img');
+        let status: number;
+        try {
+          status = await main(substitute(argv, odir), io);
+        } finally {
+          setFileSyncIo(false);
+        }
         return { stdout: io.out, stderr: io.err, status: status >= 128 && io.signals.length > 0 ? io.signals[io.signals.length - 1]! : signalOf(status) };
       })(),
     ]);
