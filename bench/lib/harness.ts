@@ -56,6 +56,11 @@ export function setCpuClock(fn: () => number): void {
   cpuClock = fn;
 }
 
+/** The clock setCpuClock chose (process CPU time in Node, wall time in browsers), for rates measured outside rateSync. */
+export function cpuNow(): number {
+  return cpuClock();
+}
+
 /** Median of a non-empty list. */
 export function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
