@@ -38,6 +38,7 @@ let tab: Tab = 'Overview';
 let mapView: AllocationMap | undefined;
 let hexView: HexView | undefined;
 let pendingHex: HexTarget | undefined;
+let pendingBitmap = '';
 let demo: DemoManifest | undefined;
 
 /** Shows a message in the image area (errors while nothing is open). */
@@ -50,6 +51,13 @@ function showHex(t: HexTarget): void {
   pendingHex = t;
   selectTab('Hex');
   // Coming from far down another tab: bring the dump into view.
+  document.getElementById('tabpanel')?.scrollIntoView({ block: 'start' });
+}
+
+/** Opens the allocation map with a dirty bitmap laid over it. */
+function showBitmapOnMap(name: string): void {
+  pendingBitmap = name;
+  selectTab('Allocation map');
   document.getElementById('tabpanel')?.scrollIntoView({ block: 'start' });
 }
 
@@ -129,10 +137,11 @@ function render(): void {
   );
   switch (tab) {
     case 'Overview':
-      void renderOverview(app, img, panel).catch((e: unknown) => replace(panel, errorBox(e)));
+      void renderOverview(app, img, panel, showBitmapOnMap).catch((e: unknown) => replace(panel, errorBox(e)));
       break;
     case 'Allocation map':
-      mapView = renderAllocationMap(app, img, panel, showHex);
+      mapView = renderAllocationMap(app, img, panel, showHex, pendingBitmap);
+      pendingBitmap = '';
       break;
     case 'Tables':
       void renderTables(app, img, panel, showHex).catch((e: unknown) => replace(panel, errorBox(e)));
@@ -144,7 +153,7 @@ function render(): void {
       pendingHex = undefined;
       break;
     case 'Actions':
-      renderActions(app, img, panel);
+      renderActions(app, img, panel, showBitmapOnMap);
       break;
   }
 }

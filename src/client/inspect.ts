@@ -2,13 +2,15 @@
  * InspectorClient: the page's side of the worker's inspector queries
  * (src/worker/inspect.ts) — qcow2 header and tables, host layout, raw bytes
  * of image files, partition tables, HTTP counters, what the engine can do
- * with an image, and compare/commit/rebase as jobs. Obtained once per
+ * with an image, compare/commit/rebase as jobs, internal snapshots, and
+ * persistent dirty bitmaps with their dirty areas. Obtained once per
  * EngineClient with connectInspector().
  */
 import { proxy, releaseProxy, type Remote } from 'comlink';
 import type { PartitionTable } from '../core/partitions.ts';
 import type { HttpStats } from '../protocols/http.ts';
-import type { CompareReport, CreatableFormat, HostExtent, ImageCapabilities, InspectService, L1EntryView, L2EntryView, LayerFile, Qcow2HeaderView, RebaseRequest } from '../worker/inspect.ts';
+import type { SnapshotInfoJson } from '../core/img/info.ts';
+import type { BitmapRequest, CommitRequest, CompareReport, CreatableFormat, HostExtent, ImageCapabilities, InspectService, L1EntryView, L2EntryView, LayerFile, Qcow2HeaderView, RebaseRequest, StoredBitmapView } from '../worker/inspect.ts';
 import type { EngineClient, JobOptions } from './engine.ts';
 
 export type * from '../worker/inspect.ts';
@@ -78,14 +80,44 @@ export class InspectorClient {
     return this.remote.compare(idA, idB, job.progress ? proxy(job.progress) : undefined, job.signal);
   }
 
-  /** qemu-img commit -d: the image's clusters copied into its backing file. */
-  commit(id: string, job: JobOptions = {}): Promise<void> {
-    return this.remote.commit(id, job.progress ? proxy(job.progress) : undefined, job.signal);
+  /** qemu-img commit: the image's clusters copied into its backing file, then the image emptied when `req.empty` (else as -d). */
+  commit(id: string, req: CommitRequest = {}, job: JobOptions = {}): Promise<void> {
+    return this.remote.commit(id, req, job.progress ? proxy(job.progress) : undefined, job.signal);
   }
 
   /** qemu-img rebase onto another backing file (or none). */
   rebase(id: string, req: RebaseRequest, job: JobOptions = {}): Promise<void> {
     return this.remote.rebase(id, req, job.progress ? proxy(job.progress) : undefined, job.signal);
+  }
+
+  /** The image's internal snapshots (qemu-img snapshot -l). */
+  snapshots(id: string): Promise<SnapshotInfoJson[]> {
+    return this.remote.snapshots(id);
+  }
+
+  /** qemu-img snapshot -c on an image open read-write. */
+  snapshotCreate(id: string, name: string): Promise<void> {
+    return this.remote.snapshotCreate(id, name);
+  }
+
+  /** qemu-img snapshot -a on an image open read-write. */
+  snapshotApply(id: string, name: string): Promise<void> {
+    return this.remote.snapshotApply(id, name);
+  }
+
+  /** qemu-img snapshot -d on an image open read-write. */
+  snapshotDelete(id: string, name: string): Promise<void> {
+    return this.remote.snapshotDelete(id, name);
+  }
+
+  /** qemu-img bitmap: changes to persistent bitmap `name`, in order. */
+  bitmap(id: string, name: string, changes: BitmapRequest[]): Promise<void> {
+    return this.remote.bitmap(id, name, changes);
+  }
+
+  /** The dirty areas of a persistent bitmap as stored in a qcow2 layer's file. */
+  bitmapDirty(id: string, name: string, layer = 0): Promise<StoredBitmapView> {
+    return this.remote.bitmapDirty(id, name, layer);
   }
 
   /** Releases the proxy. */

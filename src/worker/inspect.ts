@@ -6,7 +6,11 @@
  * created with their options, and which actions the engine can do today).
  *
  * It also runs the qemu-img operations the inspector offers that the host
- * does not expose (compare, commit, rebase) as jobs with progress and abort.
+ * does not expose: compare, commit and rebase as jobs with progress and
+ * abort, internal snapshots (create, apply, delete) and persistent dirty
+ * bitmaps (add, remove, clear, enable, disable, and their dirty areas).
+ * Whatever the engine cannot do yet fails with the engine's own error, in
+ * QEMU's words, and its code crosses to the page intact.
  *
  * Glue only, like the host: decoding lives in src/formats/qcow2/inspect.ts
  * and src/core/partitions.ts, the operations in src/core/img. `layer`
@@ -17,20 +21,25 @@ import { transfer } from 'comlink';
 import { BlockBackend } from '../core/block-backend.ts';
 import type { BdrvChild } from '../core/child.ts';
 import { BlockError, throwIfAborted, toBlockError } from '../core/errors.ts';
+import { runBitmapActions, type BitmapAction } from '../core/img/bitmap.ts';
 import { commitImage, rebaseImage } from '../core/img/chain.ts';
 import { CompareError, compareImages } from '../core/img/compare.ts';
+import { applySnapshot, createSnapshot, deleteSnapshot, listSnapshots } from '../core/img/snapshot.ts';
+import { snapshotToJson, type SnapshotInfoJson } from '../core/img/info.ts';
 import { bdrvFlush, bdrvGetLength, bdrvPread } from '../core/io.ts';
 import type { BlockNode } from '../core/node.ts';
 import type { OptionSpec } from '../core/options.ts';
 import { readPartitionTable, type PartitionTable } from '../core/partitions.ts';
 import { PERM } from '../core/types.ts';
-import { hostLayout, inspectHeader, readHeader, readL1, readL2, readRefcounts, requireQcow2, type HostExtent, type L1EntryView, type L2EntryView, type Qcow2HeaderView } from '../formats/qcow2/inspect.ts';
+import { pathCombine } from '../core/img/gate.ts';
+import { hostLayout, inspectHeader, readHeader, readL1, readL2, readRefcounts, readStoredBitmap, requireQcow2, type StoredBitmapView, type HostExtent, type L1EntryView, type L2EntryView, type Qcow2HeaderView } from '../formats/qcow2/inspect.ts';
 import { httpStats, type HttpStats } from '../protocols/http.ts';
 import { protocolOf, type EngineHost } from './host.ts';
 import { JobBackend, runJob, type Job, type ProgressSink } from './jobs.ts';
 
-export type { HostExtent, HostExtentKind, L1EntryView, L2EntryType, L2EntryView, Qcow2HeaderView, FeatureBit, HeaderExtension, HeaderField } from '../formats/qcow2/inspect.ts';
+export type { StoredBitmapView, HostExtent, HostExtentKind, L1EntryView, L2EntryType, L2EntryView, Qcow2HeaderView, FeatureBit, HeaderExtension, HeaderField } from '../formats/qcow2/inspect.ts';
 export type { PartitionEntry, PartitionTable } from '../core/partitions.ts';
+export type { SnapshotInfoJson } from '../core/img/info.ts';
 export type { HttpStats } from '../protocols/http.ts';
 
 /** Largest host read the hex view may ask for at once. */
@@ -57,6 +66,12 @@ export interface ImageCapabilities {
   compare: Availability;
   commit: Availability;
   rebase: Availability;
+  /** Creating, applying and deleting internal snapshots. */
+  snapshots: Availability;
+  /** Changing persistent dirty bitmaps. */
+  bitmaps: Availability;
+  /** Writing guest data (qemu-io write). */
+  write: Availability;
 }
 
 /** One layer of the chain with where its bytes live. */
@@ -86,6 +101,22 @@ export interface RebaseRequest {
   backingFmt?: string;
   /** Only rewrite the name (qemu-img rebase -u); the caller vouches the contents match. */
   unsafe?: boolean;
+}
+
+/** How to commit an image. */
+export interface CommitRequest {
+  /**
+   * Empty the image afterwards, as plain `qemu-img commit` does; false
+   * leaves it as it is (`-d`). Default false.
+   */
+  empty?: boolean;
+}
+
+/** One change to a persistent dirty bitmap (qemu-img bitmap --add, --remove…). */
+export interface BitmapRequest {
+  op: 'add' | 'remove' | 'clear' | 'enable' | 'disable';
+  /** Bytes per bit of a new bitmap (--add -g); the driver's default when absent. */
+  granularity?: number;
 }
 
 /** A format that can be created, with its create options. */
@@ -235,8 +266,11 @@ export class InspectService {
     for (const f of this.formats()) convert[f.name] = { ok: true };
     let commit: Availability = bs.backing ? modify('Committing') : { ok: false, reason: 'The image has no backing file to commit into' };
     if (commit.ok && protocolOf(bs.backing!.bs).drv.name !== 'opfs') commit = { ok: false, reason: 'The backing file is not in the library, so it cannot be written' };
-    let rebase: Availability = modify('Rebasing');
-    if (rebase.ok && !bs.drv.changeBackingFile) rebase = { ok: false, reason: `The ${bs.drv.name} driver of this engine cannot rewrite its backing file reference yet` };
+    // Whether the driver can do it is the engine's to say, in QEMU's words, when it is tried.
+    const rebase: Availability = modify('Rebasing');
+    const snapshots: Availability = modify('Taking or applying a snapshot');
+    const bitmaps: Availability = modify('Changing a bitmap');
+    const write: Availability = modify('Writing');
     return {
       tables: qcow2 ? { ok: true } : { ok: false, reason: `${bs.drv.name} images have no L1/L2 or refcount tables` },
       check,
@@ -245,6 +279,9 @@ export class InspectService {
       compare: { ok: true },
       commit,
       rebase,
+      snapshots,
+      bitmaps,
+      write,
     };
   }
 
@@ -282,10 +319,11 @@ export class InspectService {
   }
 
   /**
-   * qemu-img commit -d: copies what the image holds into its backing file
-   * (the image itself is left as it is; emptying it is not in the engine).
+   * qemu-img commit: copies what the image holds into its backing file,
+   * then empties the image (`req.empty`) or leaves it as it is (-d).
+   * Progress is in guest bytes.
    */
-  async commit(id: string, progress?: ProgressSink, signal?: AbortSignal): Promise<void> {
+  async commit(id: string, req: CommitRequest = {}, progress?: ProgressSink, signal?: AbortSignal): Promise<void> {
     const bs = this.host.node(id);
     const cap = this.capabilities(id).commit;
     if (!cap.ok) throw new BlockError('ENOTSUP', cap.reason, { node: id });
@@ -293,10 +331,11 @@ export class InspectService {
     await runJob(progress, signal, total, async (job) => {
       const top = this.source(bs, job);
       try {
-        await commitImage(top, { filename: bs.filename, drop: true, progress: (pct) => job.report(Math.round((pct / 100) * total)) });
+        await commitImage(top, { filename: bs.filename, drop: req.empty !== true, progress: (pct) => job.report(Math.round((pct / 100) * total)) });
       } finally {
         await top.close().catch(() => undefined);
       }
+      if (!bs.readOnly) await bdrvFlush(bs);
     });
   }
 
@@ -321,12 +360,87 @@ export class InspectService {
             job.report((done += (delta / 100) * total));
           },
         };
-        if (req.backingFmt !== undefined) opts.backingFmt = req.backingFmt;
+        const fmt = req.backingFmt ?? (req.backing !== '' ? await this.probeFormat(bs, req.backing) : undefined);
+        if (fmt !== undefined) opts.backingFmt = fmt;
         await rebaseImage(this.host.graph, blk, opts);
         await blk.flush();
       } finally {
         await blk.close().catch(() => undefined);
       }
     });
+  }
+
+  /**
+   * The format of the image a backing name resolves to next to `bs`, as
+   * qemu-img probes it; undefined when it cannot be opened (the rebase then
+   * reports that in QEMU's words).
+   */
+  private async probeFormat(bs: BlockNode, name: string): Promise<string | undefined> {
+    let blk: BlockBackend | undefined;
+    try {
+      blk = await BlockBackend.open(this.host.graph, pathCombine(bs.filename, name), { readOnly: true, options: { backing: null } });
+      return blk.bs?.drv.name;
+    } catch {
+      return undefined;
+    } finally {
+      await blk?.close().catch(() => undefined);
+    }
+  }
+
+  /** Throws the capability's reason when `cap` says no. */
+  private require(id: string, cap: Availability): BlockNode {
+    if (!cap.ok) throw new BlockError('EACCES', cap.reason ?? 'Not available', { node: id });
+    return this.host.node(id);
+  }
+
+  /** The internal snapshots of the image, as qemu-img snapshot -l and info list them. */
+  async snapshots(id: string): Promise<SnapshotInfoJson[]> {
+    return (await listSnapshots(this.host.node(id))).map(snapshotToJson);
+  }
+
+  /** qemu-img snapshot -c: takes an internal snapshot of the image named `name`. */
+  async snapshotCreate(id: string, name: string): Promise<void> {
+    const bs = this.require(id, this.capabilities(id).snapshots);
+    if (name === '') throw new BlockError('EINVAL', 'A snapshot needs a name');
+    await createSnapshot(bs, name);
+    await bdrvFlush(bs);
+  }
+
+  /** qemu-img snapshot -a: reverts the image to snapshot `name` (an ID or a tag). */
+  async snapshotApply(id: string, name: string): Promise<void> {
+    const bs = this.require(id, this.capabilities(id).snapshots);
+    await applySnapshot(bs, name);
+    await bdrvFlush(bs);
+  }
+
+  /** qemu-img snapshot -d: deletes snapshot `name` (an ID or a tag). */
+  async snapshotDelete(id: string, name: string): Promise<void> {
+    const bs = this.require(id, this.capabilities(id).snapshots);
+    await deleteSnapshot(bs, name);
+    await bdrvFlush(bs);
+  }
+
+  /** qemu-img bitmap: runs the changes on bitmap `name` in order, stopping at the first that fails (with qemu-img's message). */
+  async bitmap(id: string, name: string, changes: BitmapRequest[]): Promise<void> {
+    const bs = this.require(id, this.capabilities(id).bitmaps);
+    if (name === '') throw new BlockError('EINVAL', 'A bitmap needs a name');
+    const actions = changes.map((c): BitmapAction => {
+      const a: BitmapAction & { granularity?: number } = { op: c.op };
+      if (c.granularity !== undefined) a.granularity = c.granularity;
+      return a;
+    });
+    await runBitmapActions(bs, name, actions);
+    await bdrvFlush(bs);
+  }
+
+  /**
+   * The dirty areas of persistent bitmap `name` of a qcow2 layer, as the
+   * image file stores them (a writable image is flushed first).
+   */
+  async bitmapDirty(id: string, name: string, layer = 0): Promise<StoredBitmapView> {
+    const { bs, file } = await this.fileOf(id, layer);
+    requireQcow2(bs.drv.name, bs.nodeName);
+    const { header, ext } = await readHeader(file);
+    return readStoredBitmap(file, header, ext, name);
   }
 }

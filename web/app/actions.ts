@@ -1,14 +1,18 @@
 /**
  * The Actions tab: check (and repair leaks of library images), convert and
- * download, compare, commit and rebase. Every long operation runs as a job
- * with progress and Cancel; what the engine cannot do yet is shown disabled
- * with the engine's reason, never faked.
+ * download, compare, commit (keeping or emptying the overlay), rebase (safe
+ * or unsafe, onto a library image or none), and the snapshot, bitmap and
+ * write cards of ./changes.ts. Every long operation runs as a job with
+ * progress and Cancel; what needs a writable library image is shown
+ * disabled with the reason, and what the engine cannot do fails with the
+ * engine's error in QEMU's words, never faked.
  */
 import type { Availability } from '../../src/client/inspect.ts';
 import type { CheckOutcome } from '../../src/core/img/check.ts';
 import { copyIntoLibrary, type App, type OpenImage } from './app.ts';
 import { button, errorBox, h, replace, type Child } from './dom.ts';
 import { bytes, percent } from './format.ts';
+import { bitmapsCard, snapshotsCard, writeCard } from './changes.ts';
 import { isCancel } from './jobs.ts';
 
 /** OPFS directory for converted files on their way to the user's downloads (hidden from the library). */
@@ -89,12 +93,13 @@ function checkReport(o: CheckOutcome): HTMLElement {
 }
 
 /** Renders the Actions tab. */
-export function renderActions(app: App, img: OpenImage, root: HTMLElement): void {
+export function renderActions(app: App, img: OpenImage, root: HTMLElement, showOnMap: (bitmap: string) => void): void {
   const caps = img.caps;
   const checkOut = h('div', { 'aria-live': 'polite' });
   const convertOut = h('div', { 'aria-live': 'polite' });
   const compareOut = h('div', { 'aria-live': 'polite' });
-  const chainOut = h('div', { 'aria-live': 'polite' });
+  const commitOut = h('div', { 'aria-live': 'polite' });
+  const rebaseOut = h('div', { 'aria-live': 'polite' });
   const failed = (slot: HTMLElement, e: unknown, what: string): void => replace(slot, isCancel(e) ? h('p', { class: 'muted', 'data-testid': `${what}-cancelled` }, `${what[0]!.toUpperCase()}${what.slice(1)} cancelled.`) : errorBox(e));
 
   const runCheck = async (repair: boolean): Promise<void> => {
@@ -141,29 +146,44 @@ export function renderActions(app: App, img: OpenImage, root: HTMLElement): void
     }
   };
 
+  const emptyTop = h('input', { type: 'checkbox', id: 'commit-empty', 'data-testid': 'commit-empty' });
   const runCommit = async (): Promise<void> => {
-    replace(chainOut, h('p', { class: 'muted' }, 'Committing…'));
+    const empty = emptyTop.checked;
+    replace(commitOut, h('p', { class: 'muted' }, 'Committing…'));
     try {
-      await app.jobs.run(`Commit ${img.label} into its backing file`, (job) => app.inspector.commit(img.id, { progress: job.progress, signal: job.signal }));
+      await app.jobs.run(`Commit ${img.label} into its backing file`, (job) => app.inspector.commit(img.id, { empty }, { progress: job.progress, signal: job.signal }));
       await app.refresh(img, false);
-      replace(chainOut, h('p', { class: 'ok' }, 'Image committed (the overlay was left as it was).'));
+      replace(commitOut, h('p', { class: 'ok', 'data-testid': 'commit-done' }, empty ? 'Image committed; the overlay was emptied.' : 'Image committed (the overlay was left as it was).'));
       app.emit('library');
     } catch (e) {
-      failed(chainOut, e, 'commit');
+      failed(commitOut, e, 'commit');
     }
   };
-  const library = app.images.filter((i) => i.opfsPath !== undefined && i !== img).map((i) => i.opfsPath!);
-  const rebaseSelect = h('select', { id: 'rebase-onto' }, h('option', { value: '' }, '(no backing file: make it standalone)'), ...library.map((p) => h('option', { value: p }, p)));
+
+  // New backing files come from the library, next to the image or below it: the name is recorded relative to the image.
+  const dir = img.opfsPath?.includes('/') ? img.opfsPath.slice(0, img.opfsPath.lastIndexOf('/') + 1) : '';
+  const rebaseSelect = h('select', { id: 'rebase-onto' }, h('option', { value: '' }, '(no backing file: make it standalone)'));
+  const fillRebase = async (): Promise<void> => {
+    if (img.opfsPath === undefined) return;
+    const entries = (await app.engine.list('', true)).filter((e) => e.kind === 'file' && e.path !== img.opfsPath && e.path.startsWith(dir) && !e.path.split('/').some((p) => p.startsWith('.')));
+    const current = img.info[0]?.['backing-filename'];
+    rebaseSelect.append(...entries.map((e) => h('option', { value: e.path.slice(dir.length) }, `${e.path}${e.path.slice(dir.length) === current ? ' (current backing file)' : ''}`)));
+  };
+  void fillRebase().catch(() => undefined);
+  const rebaseFmt = h('select', { id: 'rebase-format' }, h('option', { value: '' }, 'probe'), ...Object.keys(caps.convert).map((f) => h('option', { value: f }, f)));
+  const unsafe = h('input', { type: 'checkbox', id: 'rebase-unsafe', 'data-testid': 'rebase-unsafe' });
   const runRebase = async (): Promise<void> => {
-    replace(chainOut, h('p', { class: 'muted' }, 'Rebasing…'));
+    const backing = rebaseSelect.value;
+    const req: Parameters<App['inspector']['rebase']>[1] = { backing, unsafe: unsafe.checked };
+    if (rebaseFmt.value && backing) req.backingFmt = rebaseFmt.value;
+    replace(rebaseOut, h('p', { class: 'muted' }, 'Rebasing…'));
     try {
-      const dir = img.opfsPath!.includes('/') ? img.opfsPath!.slice(0, img.opfsPath!.lastIndexOf('/') + 1) : '';
-      const backing = rebaseSelect.value.startsWith(dir) ? rebaseSelect.value.slice(dir.length) : rebaseSelect.value;
-      await app.jobs.run(`Rebase ${img.label}`, (job) => app.inspector.rebase(img.id, { backing }, { progress: job.progress, signal: job.signal }));
-      replace(chainOut, h('p', { class: 'ok' }, 'Rebased.'));
+      await app.jobs.run(`Rebase ${img.label}${unsafe.checked ? ' (unsafe)' : ''}`, (job) => app.inspector.rebase(img.id, req, { progress: job.progress, signal: job.signal }));
+      // The chain below the image changed: open it again to see the new one.
+      app.notice = { text: backing ? `Rebased onto ${backing}${unsafe.checked ? ' (unsafe: only the name was changed)' : ''}.` : 'Rebased: the image has no backing file now.', testid: 'rebase-done' };
       await app.reopen(img, false);
     } catch (e) {
-      failed(chainOut, e, 'rebase');
+      failed(rebaseOut, e, 'rebase');
     }
   };
 
@@ -174,8 +194,11 @@ export function renderActions(app: App, img: OpenImage, root: HTMLElement): void
       : img.files
         ? button('Copy into the library', () => void copyIntoLibrary(app, img).catch((e: unknown) => replace(checkOut, errorBox(e))), { class: 'small', 'data-testid': 'copy-into-library', title: 'Your file stays as it is; the copy can be repaired, committed and changed' })
         : null;
+  const notice = app.notice;
+  app.notice = undefined;
   replace(
     root,
+    notice ? h('p', { class: 'ok notice', role: 'status', 'data-testid': notice.testid }, notice.text) : null,
     h(
       'div',
       { class: 'cards' },
@@ -207,13 +230,36 @@ export function renderActions(app: App, img: OpenImage, root: HTMLElement): void
       ),
       h(
         'section',
-        { class: 'card', 'aria-labelledby': 'cr-h' },
-        h('h3', { id: 'cr-h' }, 'Commit and rebase'),
-        h('p', { class: 'muted' }, 'Commit copies the overlay’s clusters into its backing file. Rebase changes which backing file the overlay reads from, first copying whatever would change.'),
-        h('div', { class: 'buttons' }, actionButton('Commit', caps.commit, () => void runCommit())),
-        h('div', { class: 'buttons' }, h('label', { for: 'rebase-onto' }, 'Onto'), rebaseSelect, actionButton('Rebase', caps.rebase, () => void runRebase())),
-        chainOut,
+        { class: 'card', 'aria-labelledby': 'cm-h', 'data-testid': 'commit-card' },
+        h('h3', { id: 'cm-h' }, 'Commit'),
+        h('p', { class: 'muted' }, 'Copies what the overlay holds into its backing file (qemu-img commit). Emptying the overlay afterwards is what plain qemu-img commit does; leaving it is -d.'),
+        h('div', { class: 'buttons' }, h('label', { class: 'inline' }, emptyTop, 'empty the overlay afterwards'), actionButton('Commit', caps.commit, () => void runCommit())),
+        commitOut,
       ),
+      h(
+        'section',
+        { class: 'card', 'aria-labelledby': 'rb-h', 'data-testid': 'rebase-card' },
+        h('h3', { id: 'rb-h' }, 'Rebase'),
+        h(
+          'p',
+          { class: 'muted' },
+          'Changes which backing file the overlay reads from (qemu-img rebase). Safe mode first copies into the overlay every range where the old and new backing files differ, so the guest sees the same disk; unsafe (-u) only rewrites the name. New backing files come from the library, next to the image or below it.',
+        ),
+        h(
+          'div',
+          { class: 'buttons' },
+          h('label', { for: 'rebase-onto' }, 'Onto'),
+          rebaseSelect,
+          h('label', { for: 'rebase-format' }, 'format'),
+          rebaseFmt,
+          h('label', { class: 'inline' }, unsafe, 'unsafe (-u)'),
+          actionButton('Rebase', caps.rebase, () => void runRebase()),
+        ),
+        rebaseOut,
+      ),
+      snapshotsCard(app, img),
+      bitmapsCard(app, img, showOnMap),
+      writeCard(app, img),
     ),
   );
   syncCompressed();

@@ -10,7 +10,12 @@
  * Below the canvas: the legend with bytes per kind, the details of the cell
  * under the pointer or keyboard cursor (guest range, layer, host offset), and
  * the map as qemu-img map lists it.
+ *
+ * A persistent dirty bitmap of the image can be laid over the map: cells
+ * holding dirty bits get a yellow corner, so what a backup would copy next
+ * shows against what the image holds.
  */
+import type { StoredBitmapView } from '../../src/client/inspect.ts';
 import type { MapEntry } from '../../src/core/map.ts';
 import type { App, OpenImage } from './app.ts';
 import { button, errorBox, h, replace, table, type Child } from './dom.ts';
@@ -23,6 +28,9 @@ const MAX_LAYER_COLOURS = 4;
 const NCAT = CAT.LAYER0 + MAX_LAYER_COLOURS;
 const COLOURS = ['#1b2230', '#2a3446', '#3b82f6', '#a855f7', '#34d399', '#f59e0b', '#ef4444', '#ec4899', '#eab308'];
 const CAT_NAMES = ['not mapped yet', 'unallocated', 'data', 'compressed', 'zero', 'backing layer 1', 'backing layer 2', 'backing layer 3', 'backing layer 4+'];
+
+/** Colour of the dirty-bitmap corner. */
+const DIRTY_COLOUR = '#fde047';
 
 /** Rows of cells shown at once. */
 const MAX_ROWS = 40;
@@ -113,12 +121,17 @@ export class AllocationMap {
   private frame = 0;
   private tableShown = 0;
   private readonly resize: ResizeObserver;
+  /** The bitmap laid over the map, and its dirty runs. */
+  private overlay: StoredBitmapView | undefined;
+  private readonly overlayStatus: HTMLElement;
+  private overlayToken = 0;
 
   /** Builds the view; call start() to map. `onHex` opens the hex view at a guest or host offset. */
   constructor(
     private readonly app: App,
     private readonly img: OpenImage,
     private readonly onHex: (where: { guest: number } | { host: number; layer: number }) => void,
+    private readonly initialBitmap = '',
   ) {
     this.total = img.summary.virtualSize;
     this.cluster = img.info[0]?.['cluster-size'] ?? 65536;
@@ -136,6 +149,16 @@ export class AllocationMap {
     this.details = h('div', { class: 'cell-details', 'aria-live': 'polite', 'data-testid': 'cell-details' }, 'Point at a cell, or focus the map and use the arrow keys.');
     this.zoomText = h('span', { class: 'zoom-text' });
     this.tableSlot = h('div', { class: 'scroll-x' });
+    this.overlayStatus = h('p', { class: 'overlay-status', 'aria-live': 'polite', 'data-testid': 'bitmap-overlay-status' });
+    const bitmaps = ((img.info[0]?.['format-specific']?.data.bitmaps ?? []) as Array<{ name: string }>).map((b) => b.name);
+    const overlaySelect = h(
+      'select',
+      { id: 'bitmap-overlay', 'data-testid': 'bitmap-overlay', onchange: ((ev: Event) => void this.showBitmap((ev.target as HTMLSelectElement).value)) as EventListener },
+      h('option', { value: '' }, bitmaps.length ? '(none)' : '(the image has no bitmaps)'),
+      ...bitmaps.map((b) => h('option', { value: b, selected: b === initialBitmap }, b)),
+    );
+    if (!bitmaps.length) overlaySelect.disabled = true;
+    const overlayBar = h('div', { class: 'map-controls' }, h('label', { for: 'bitmap-overlay' }, 'Dirty bitmap overlay'), overlaySelect);
     const controls = h(
       'div',
       { class: 'map-controls', role: 'toolbar', 'aria-label': 'Map zoom' },
@@ -150,6 +173,8 @@ export class AllocationMap {
       'div',
       { class: 'allocmap' },
       controls,
+      overlayBar,
+      this.overlayStatus,
       h('div', { class: 'canvas-wrap' }, this.canvas),
       h('p', { id: 'map-help', class: 'visually-hidden' }, 'Arrow keys move between cells, Enter or plus zooms in, minus zooms out, H opens the hex view of the cell.'),
       this.status,
@@ -176,6 +201,68 @@ export class AllocationMap {
     this.layout();
     this.overview();
     void this.scan();
+    if (this.initialBitmap) void this.showBitmap(this.initialBitmap);
+  }
+
+  /** Lays bitmap `name` over the map ('' removes the overlay); its dirty runs come from the image file. */
+  private async showBitmap(name: string): Promise<void> {
+    const token = ++this.overlayToken;
+    this.overlay = undefined;
+    delete this.canvas.dataset.dirtyCells;
+    if (!name) {
+      replace(this.overlayStatus);
+      delete this.overlayStatus.dataset.state;
+      this.redraw();
+      return;
+    }
+    this.overlayStatus.dataset.state = 'loading';
+    replace(this.overlayStatus, `Reading bitmap '${name}'…`);
+    try {
+      const bm = await this.app.inspector.bitmapDirty(this.img.id, name);
+      if (token !== this.overlayToken || this.stopped) return;
+      this.overlay = bm;
+      const flags = bm.flags.includes('in-use') ? ' It is marked in use: what is stored may be out of date.' : '';
+      replace(
+        this.overlayStatus,
+        h('span', { class: 'swatch', style: `background:${DIRTY_COLOUR}`, 'aria-hidden': 'true' }),
+        ` Bitmap '${bm.name}' (${bytes(bm.granularity)} per bit, ${bm.flags.includes('auto') ? 'enabled' : 'disabled'}): ${bytes(bm.dirtyBytes)} dirty (${percent(bm.dirtyBytes, this.total)}) in ${bm.runs.length}${bm.truncated ? '+' : ''} runs, marked with a yellow corner.${flags}`,
+      );
+      this.overlayStatus.dataset.state = 'done';
+      this.overlayStatus.dataset.dirtyBytes = String(bm.dirtyBytes);
+      this.redraw();
+    } catch (e) {
+      if (token !== this.overlayToken) return;
+      replace(this.overlayStatus, errorBox(e));
+      this.overlayStatus.dataset.state = 'failed';
+    }
+  }
+
+  /** Dirty bytes of the overlay bitmap in each cell of the view (empty without an overlay). */
+  private dirtyPerCell(): Float64Array {
+    const n = this.cellCount();
+    const out = new Float64Array(this.overlay ? n : 0);
+    const runs = this.overlay?.runs;
+    if (!runs) return out;
+    const viewEnd = Math.min(this.total, this.viewStart + n * this.bpc);
+    let lo = 0;
+    let hi = runs.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (runs[mid]![0] + runs[mid]![1] <= this.viewStart) lo = mid + 1;
+      else hi = mid;
+    }
+    for (let i = lo; i < runs.length; i++) {
+      const [start, len] = runs[i]!;
+      if (start >= viewEnd) break;
+      const a = Math.max(start, this.viewStart);
+      const b = Math.min(start + len, viewEnd);
+      for (let c = Math.floor((a - this.viewStart) / this.bpc); c < n; c++) {
+        const cs = this.viewStart + c * this.bpc;
+        if (cs >= b) break;
+        out[c]! += Math.min(b, cs + this.bpc) - Math.max(a, cs);
+      }
+    }
+    return out;
   }
 
   /** Stops mapping (the image was closed or another is shown). */
@@ -383,6 +470,26 @@ export class AllocationMap {
         ctx.fillRect(x, y + px - gap - 3, px - gap, 3);
       }
     }
+    const dirty = this.dirtyPerCell();
+    if (dirty.length) {
+      // A dirty cell gets a corner triangle: visible over every kind's colour, and the kind still shows.
+      ctx.fillStyle = DIRTY_COLOUR;
+      const t = Math.max(4, Math.round((px - gap) * 0.6));
+      let count = 0;
+      for (let c = 0; c < n; c++) {
+        if (dirty[c]! <= 0) continue;
+        count++;
+        const x = (c % this.cols) * px;
+        const y = Math.floor(c / this.cols) * px;
+        ctx.beginPath();
+        ctx.moveTo(x, y);
+        ctx.lineTo(x + t, y);
+        ctx.lineTo(x, y + t);
+        ctx.closePath();
+        ctx.fill();
+      }
+      this.canvas.dataset.dirtyCells = String(count);
+    }
     if (document.activeElement === this.canvas || this.cursor > 0) {
       const c = this.cursorCell();
       ctx.strokeStyle = '#ffffff';
@@ -435,6 +542,10 @@ export class AllocationMap {
       replace(this.details, ...lines);
       return;
     }
+    if (this.overlay) {
+      const d = this.dirtyPerCell()[c] ?? 0;
+      lines.push(h('br'), h('span', { 'data-testid': 'cell-dirty' }, d > 0 ? `Dirty in bitmap '${this.overlay.name}': ${bytes(d)} of this cell` : `Clean in bitmap '${this.overlay.name}'`));
+    }
     if (this.bpc > this.cluster) {
       const stats = this.cellStats();
       const parts = CAT_NAMES.map((name, k) => (stats[c * NCAT + k]! > 0 ? `${name} ${bytes(stats[c * NCAT + k]!)}` : '')).filter(Boolean);
@@ -478,8 +589,8 @@ export class AllocationMap {
 }
 
 /** Renders the Allocation map tab; returns the view so the caller can stop it. */
-export function renderAllocationMap(app: App, img: OpenImage, root: HTMLElement, onHex: (where: { guest: number } | { host: number; layer: number }) => void): AllocationMap {
-  const view = new AllocationMap(app, img, onHex);
+export function renderAllocationMap(app: App, img: OpenImage, root: HTMLElement, onHex: (where: { guest: number } | { host: number; layer: number }) => void, bitmap = ''): AllocationMap {
+  const view = new AllocationMap(app, img, onHex, bitmap);
   replace(
     root,
     h(

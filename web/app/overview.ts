@@ -7,7 +7,7 @@
 import type { PartitionTable, Qcow2HeaderView } from '../../src/client/inspect.ts';
 import type { ImageInfo } from '../../src/core/img/info.ts';
 import type { App, OpenImage } from './app.ts';
-import { dl, errorBox, h, replace, table, type Child } from './dom.ts';
+import { button, dl, errorBox, h, replace, table, type Child } from './dom.ts';
 import { BITMAP_FLAG_MEANING, featureMeaning, FIELD_MEANING } from './features.ts';
 import { bytes, bytesExact, hex } from './format.ts';
 
@@ -116,7 +116,7 @@ function formatSpecific(info: ImageInfo | undefined): HTMLElement | null {
 }
 
 /** Internal snapshots and persistent bitmaps of the image. */
-function snapshotsAndBitmaps(info: ImageInfo | undefined): HTMLElement {
+function snapshotsAndBitmaps(info: ImageInfo | undefined, showOnMap: (bitmap: string) => void): HTMLElement {
   const snaps = info?.snapshots ?? [];
   const bitmaps = (info?.['format-specific']?.data.bitmaps ?? []) as Array<{ name: string; granularity: number; flags: string[] }>;
   const clock = (sec: number, nsec: number): string => {
@@ -138,8 +138,13 @@ function snapshotsAndBitmaps(info: ImageInfo | undefined): HTMLElement {
       : h('p', { class: 'muted' }, 'No internal snapshots.'),
     bitmaps.length
       ? table(
-          ['Bitmap', 'Granularity', 'Flags'],
-          bitmaps.map((b) => [b.name, bytes(b.granularity), b.flags.length ? b.flags.map((f) => BITMAP_FLAG_MEANING[f] ?? f).join('; ') : 'none']),
+          ['Bitmap', 'Granularity', 'Flags', ''],
+          bitmaps.map((b) => [
+            b.name,
+            bytes(b.granularity),
+            b.flags.length ? b.flags.map((f) => BITMAP_FLAG_MEANING[f] ?? f).join('; ') : 'none (disabled: not tracking writes)',
+            button('Show on map', () => showOnMap(b.name), { class: 'small', 'aria-label': `Show bitmap ${b.name} on the map` }),
+          ]),
           { class: 'grid-table', 'data-testid': 'bitmaps' },
         )
       : h('p', { class: 'muted' }, 'No persistent dirty bitmaps.'),
@@ -175,11 +180,11 @@ function partitionsSection(pt: PartitionTable | null, diskSize: number): HTMLEle
 }
 
 /** Renders the Overview tab for the current image into `root`. */
-export async function renderOverview(app: App, img: OpenImage, root: HTMLElement): Promise<void> {
+export async function renderOverview(app: App, img: OpenImage, root: HTMLElement, showOnMap: (bitmap: string) => void = () => undefined): Promise<void> {
   const headerSlot = h('div', { class: 'slot wide' });
   const partSlot = h('div', { class: 'slot' }, h('p', { class: 'muted' }, 'Reading the partition table…'));
   const httpSlot = h('div', { class: 'slot' });
-  replace(root, h('div', { class: 'cards' }, summary(img), formatSpecific(img.info[0]), chainPicture(img), headerSlot, snapshotsAndBitmaps(img.info[0]), partSlot, httpSlot));
+  replace(root, h('div', { class: 'cards' }, summary(img), formatSpecific(img.info[0]), chainPicture(img), headerSlot, snapshotsAndBitmaps(img.info[0], showOnMap), partSlot, httpSlot));
   const jobs: Array<Promise<void>> = [];
   if (img.caps.tables.ok) {
     jobs.push(
