@@ -6,86 +6,13 @@
 // convert, a 1 TiB allocation map, URLs, keyboard use and phone layout.
 
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import type { Page, TestInfo } from '@playwright/test';
 import { expect, test } from './fixtures.ts';
+import { collectErrors, createImage, mapEntries, openInspector, run, shot, tab, tempDir, unique } from './inspector-helpers.ts';
 import { INSPECTOR_BASE_URL } from './inspector-server.ts';
 
 test.use({ baseURL: INSPECTOR_BASE_URL });
-
-/** Runs a command and returns its stdout; throws with stderr when it fails. */
-function run(cmd: string, args: string[], cwd?: string): string {
-  const r = spawnSync(cmd, args, { encoding: 'utf8', cwd });
-  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')}: ${r.stderr || r.stdout}`);
-  return r.stdout;
-}
-
-/** A fresh temporary directory (the test removes it). */
-function tempDir(): string {
-  return mkdtempSync(join(tmpdir(), 'qblock-inspector-'));
-}
-
-/** Console errors and uncaught exceptions of a page, collected from now on. */
-function collectErrors(page: Page): string[] {
-  const errors: string[] = [];
-  page.on('console', (m) => {
-    if (m.type() === 'error') errors.push(`console: ${m.text()}`);
-  });
-  page.on('pageerror', (e) => errors.push(`pageerror: ${e.message}`));
-  return errors;
-}
-
-/** Opens the inspector and waits until it has started (demo opened, library listed). */
-async function openInspector(page: Page): Promise<void> {
-  await page.goto(`${INSPECTOR_BASE_URL}/`);
-  await expect(page.locator('body[data-ready="true"]')).toBeAttached({ timeout: 30_000 });
-}
-
-/** Attaches a screenshot to the report (and keeps it in the test's output directory). */
-async function shot(page: Page, testInfo: TestInfo, name: string, fullPage = false): Promise<void> {
-  const path = testInfo.outputPath(`${name}.png`);
-  await page.screenshot({ path, fullPage });
-  await testInfo.attach(name, { path, contentType: 'image/png' });
-}
-
-/** Switches to a tab by name. */
-async function tab(page: Page, name: string): Promise<void> {
-  await page.getByRole('tab', { name }).click();
-  await expect(page.locator(`#tabpanel[data-tab="${name}"]`)).toBeVisible();
-}
-
-/** Creates an image with the library's form; the inspector opens it when done. */
-async function createImage(page: Page, name: string, size: string, format = 'qcow2', options: Record<string, string> = {}): Promise<void> {
-  const details = page.getByTestId('create-details');
-  if (!(await details.evaluate((d) => (d as HTMLDetailsElement).open))) await details.locator(':scope > summary').click();
-  await page.locator('#create-format').selectOption(format);
-  await page.locator('#create-name').fill(name);
-  await page.locator('#create-size').fill(size);
-  for (const [k, v] of Object.entries(options)) await page.locator(`#create-${k}`).selectOption(v);
-  await page.getByTestId('create-form').getByRole('button', { name: 'Create' }).click();
-  await expect(page.getByTestId('create-done')).toContainText(`Created ${name}`, { timeout: 20_000 });
-  await expect(page.getByTestId('image-title')).toHaveText(name, { timeout: 20_000 });
-}
-
-/** A unique image name per run, so persistent profiles and reruns never collide. */
-function unique(stem: string, ext = 'qcow2'): string {
-  return `${stem}-${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}.${ext}`;
-}
-
-/** The map entries the inspector lists, in qemu-img map's JSON fields (QEMU 7.2 prints no "compressed"). */
-async function mapEntries(page: Page): Promise<Array<Record<string, unknown>>> {
-  await tab(page, 'Allocation map');
-  await expect(page.locator('[data-testid="map-status"][data-state="done"]')).toBeAttached({ timeout: 30_000 });
-  await expect(page.getByTestId('map-entries')).toHaveAttribute('data-complete', 'true');
-  const rows = await page.locator('[data-testid="map-entries"] tr[data-entry]').evaluateAll((trs) => trs.map((tr) => (tr as HTMLElement).dataset.entry ?? '{}'));
-  return rows.map((r) => {
-    const e = JSON.parse(r) as Record<string, unknown>;
-    delete e.compressed;
-    return e;
-  });
-}
 
 test('npm start serves the inspector on the demo: header, chain picture and allocation map', async ({ page }, testInfo) => {
   const errors = collectErrors(page);
