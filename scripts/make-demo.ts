@@ -13,25 +13,32 @@
  * than this script. The Vite plugin (web/vite-plugin.ts) runs it before every
  * dev start and build, so `npm start` on a fresh checkout makes the demo.
  *
- * Generators: the engine itself makes the images (qcow2 create, then data,
- * zero and compressed writes through a BlockBackend, the internal snapshot
- * and the persistent dirty bitmaps, which the later writes mark). For an
- * engine without snapshots or bitmaps in qcow2 (TEMPORARY fallbacks), those
- * are added with qemu-img and the writes after the bitmaps go through
- * qemu-io; without qemu-utils they are left out.
- * An engine whose qcow2 writes fail with ENOTSUP falls back to doing every
- * step with qemu-img/qemu-io (also TEMPORARY). demo.json's byQemu lists
- * what QEMU's tools did, and the app shows it.
+ * Generators: the engine itself makes the images (qcow2 create, data, zero
+ * and compressed writes through a BlockBackend, the internal snapshot with
+ * the engine's qemu-img snapshot -c, the persistent bitmaps with its
+ * qemu-img bitmap --add, and the later writes through the same backend so
+ * the bitmaps mark them). Each step that can be done by the engine is tried
+ * with it first, so the demo moves to the engine by itself as capabilities
+ * land. TEMPORARY fallback, per step, while an engine lacks one (the error
+ * is ENOTSUP): that step is done with qemu-img/qemu-io and listed in
+ * demo.json's byQemu, which the app shows; with everything in the engine,
+ * byQemu is empty. Without qemu-utils a step the engine cannot do is left
+ * out. An engine whose qcow2 writes fail with ENOTSUP falls back to doing
+ * every step with qemu-img/qemu-io (also TEMPORARY).
+ *
+ * A demo that needed QEMU's tools is remade when the engine's sources
+ * change (demo.json keeps a fingerprint of them), so a build after the
+ * engine gains a capability makes the demo with it.
  */
 import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { crc32 } from '../src/core/partitions.ts';
 
 /** Bump when the demo's content or layout changes, so stale copies are regenerated. */
-const DEMO_LAYOUT = 4;
+const DEMO_LAYOUT = 5;
 
 const MiB = 1024 * 1024;
 const KiB = 1024;
@@ -64,8 +71,10 @@ export interface DemoManifest {
   version: string;
   /** 'engine', or 'qemu' while the temporary fallback is in use. */
   generator: 'engine' | 'qemu';
-  /** Steps QEMU's tools did because the engine cannot yet (TEMPORARY, shown by the app). */
+  /** Steps QEMU's tools did because the engine cannot yet (TEMPORARY, shown by the app; empty when the engine did everything). */
   byQemu: string[];
+  /** Hash of the engine sources the demo was made with (a demo with byQemu steps is remade when it changes). */
+  engine: string;
   /** The image to open (the top of the chain). */
   image: string;
   files: Array<{ name: string; size: number }>;
@@ -223,15 +232,23 @@ function replayWithQemuIo(dir: string, file: string, ops: DemoOp[]): void {
   }
 }
 
+/** What the engine version of qemu-img bitmap takes: runBitmapActions, with -g as options where the engine has them. */
+type BitmapRunner = (bs: unknown, name: string, actions: Array<{ op: 'add' }>, opts?: { granularity?: number }) => Promise<void>;
+
 /**
  * Makes the demo with qblock itself: qcow2 create, then data, zero and
- * compressed writes through a BlockBackend. Returns what had to be done by
- * QEMU's tools instead (TEMPORARY fallbacks for an engine without qcow2
- * snapshots or persistent bitmaps). Without qemu-img those extras are
- * skipped rather than failing `npm start`.
+ * compressed writes through a BlockBackend, the snapshot, the bitmaps and
+ * the later writes. Returns what had to be done by QEMU's tools instead
+ * (TEMPORARY: each step falls back to qemu-img/qemu-io when the engine
+ * answers ENOTSUP; while an image has bitmaps QEMU added, the engine opens
+ * it read-only, so the writes after them go through qemu-io too). Without
+ * qemu-img those extras are skipped rather than failing `npm start`.
  */
-async function generateWithEngine(dir: string, layers: DemoLayer[], log: (m: string) => void, made: DemoExtras): Promise<string[]> {
+async function generateWithEngine(dir: string, layers: DemoLayer[], log: (m: string) => void): Promise<{ byQemu: string[]; snapshot: boolean; bitmaps: boolean }> {
   const { createNodeGraph, BlockBackend, OPEN, isBlockError } = await import('../src/node.ts');
+  const { createSnapshot } = await import('../src/core/img/snapshot.ts');
+  const { runBitmapActions } = await import('../src/core/img/bitmap.ts');
+  const addBitmap = runBitmapActions as unknown as BitmapRunner;
   const graph = createNodeGraph();
   const qcow2 = graph.getDriver('qcow2');
   const file = graph.getDriver('file');
@@ -248,9 +265,11 @@ async function generateWithEngine(dir: string, layers: DemoLayer[], log: (m: str
     },
   };
   const byQemu: string[] = [];
+  const made = { snapshot: false, bitmaps: false };
   const qemu = have('qemu-img') && have('qemu-io');
-  const write = async (path: string, ops: DemoOp[]): Promise<void> => {
-    const blk = await BlockBackend.open(graph, { driver: 'qcow2', file: { driver: 'file', filename: path } });
+  type Blk = Awaited<ReturnType<typeof BlockBackend.open>>;
+  const openRw = (path: string): Promise<Blk> => BlockBackend.open(graph, { driver: 'qcow2', file: { driver: 'file', filename: path } });
+  const replay = async (blk: Blk, ops: DemoOp[]): Promise<void> => {
     try {
       for (const op of ops) {
         if (op.kind === 'data') await blk.pwrite(op.offset, op.data);
@@ -262,6 +281,12 @@ async function generateWithEngine(dir: string, layers: DemoLayer[], log: (m: str
     } catch (e) {
       if (isBlockError(e, 'ENOTSUP')) throw new EngineCannotWrite(e.message);
       throw e;
+    }
+  };
+  const write = async (path: string, ops: DemoOp[]): Promise<void> => {
+    const blk = await openRw(path);
+    try {
+      await replay(blk, ops);
     } finally {
       await blk.close();
     }
@@ -273,66 +298,66 @@ async function generateWithEngine(dir: string, layers: DemoLayer[], log: (m: str
       if (layer.backing !== undefined) Object.assign(opts, { backing_file: layer.backing, backing_fmt: 'qcow2' });
       await qcow2.create!(path, opts, ctx);
       await write(path, layer.ops);
-      let hasBitmaps = false;
       if (layer.snapshot !== undefined) {
-        if (qcow2.snapshotCreate) {
-          // The engine's own qemu-img snapshot -c.
-          const { createSnapshot } = await import('../src/core/img/snapshot.ts');
-          const blk = await BlockBackend.open(graph, { driver: 'qcow2', file: { driver: 'file', filename: path } });
-          try {
-            await createSnapshot(blk.bs!, layer.snapshot);
-            made.snapshot = true;
-            await blk.flush();
-          } finally {
-            await blk.close();
-          }
-        } else if (qemu) {
-          // TEMPORARY: qcow2 internal snapshots are not in the engine yet.
+        // The engine's qemu-img snapshot -c first.
+        const blk = await openRw(path);
+        let engineDid = false;
+        try {
+          await createSnapshot(blk.bs!, layer.snapshot);
+          await blk.flush();
+          engineDid = true;
+        } catch (e) {
+          if (!isBlockError(e, 'ENOTSUP')) throw e;
+        } finally {
+          await blk.close();
+        }
+        if (engineDid) made.snapshot = true;
+        else if (qemu) {
+          // TEMPORARY: the engine cannot create qcow2 internal snapshots yet.
           run('qemu-img', ['snapshot', '-c', layer.snapshot, layer.file], dir);
-          made.snapshot = true;
           byQemu.push(`snapshot '${layer.snapshot}' (qemu-img snapshot)`);
+          made.snapshot = true;
         } else {
-          log(`qemu-img is not installed: the demo has no internal snapshot`);
+          log(`the engine cannot create snapshots yet and qemu-img is not installed: the demo has no internal snapshot`);
         }
       }
+      let later = layer.laterOps ?? [];
       if (layer.bitmaps?.length) {
-        if (qcow2.canStoreNewDirtyBitmap) {
-          // The engine's own qemu-img bitmap --add; the later writes below mark them.
-          // One open per bitmap, as separate qemu-img runs would do (the directory keeps that order).
-          const { runBitmapActions } = await import('../src/core/img/bitmap.ts');
-          for (const b of layer.bitmaps) {
-            const blk = await BlockBackend.open(graph, { driver: 'qcow2', file: { driver: 'file', filename: path } });
-            try {
-              await runBitmapActions(blk.bs!, b.name, [{ op: 'add' }], b.granularity ? { granularity: b.granularity } : {});
-              made.bitmaps = true;
-            } finally {
-              await blk.close();
-            }
-          }
-        } else if (qemu) {
-          // TEMPORARY: for an engine without persistent dirty bitmaps.
+        // The engine's qemu-img bitmap --add first; the later writes then go through the same backend, which marks the bitmaps, and closing stores them.
+        const blk = await openRw(path);
+        let engineDid = false;
+        try {
+          for (const b of layer.bitmaps) await addBitmap(blk.bs!, b.name, [{ op: 'add' }], b.granularity ? { granularity: b.granularity } : {});
+          engineDid = true;
+          await replay(blk, later);
+          later = [];
+        } catch (e) {
+          if (engineDid || !isBlockError(e, 'ENOTSUP')) throw e;
+        } finally {
+          await blk.close();
+        }
+        if (engineDid) made.bitmaps = true;
+        else if (qemu) {
+          // TEMPORARY: the engine cannot store persistent dirty bitmaps yet.
           for (const b of layer.bitmaps) run('qemu-img', ['bitmap', '--add', ...(b.granularity ? ['-g', String(b.granularity)] : []), layer.file, b.name], dir);
           byQemu.push('dirty bitmaps (qemu-img bitmap)');
-          hasBitmaps = true;
           made.bitmaps = true;
+          if (later.length) {
+            // TEMPORARY: the engine opens images with bitmaps it cannot store read-only, and only QEMU would mark them dirty.
+            replayWithQemuIo(dir, layer.file, later);
+            byQemu.push('writes after the bitmaps were added (qemu-io)');
+            later = [];
+          }
         } else {
-          log(`qemu-img is not installed: the demo has no dirty bitmaps`);
+          log(`the engine cannot store bitmaps yet and qemu-img is not installed: the demo has no dirty bitmaps`);
         }
       }
-      if (layer.laterOps?.length) {
-        if (hasBitmaps) {
-          // TEMPORARY: only QEMU marks bitmaps QEMU added when the engine has no bitmap support.
-          replayWithQemuIo(dir, layer.file, layer.laterOps);
-          byQemu.push('writes after the bitmaps were added (qemu-io)');
-        } else {
-          await write(path, layer.laterOps);
-        }
-      }
+      if (later.length) await write(path, later);
     }
   } finally {
     await graph.closeAll();
   }
-  return byQemu;
+  return { byQemu, ...made };
 }
 
 /** TEMPORARY full fallback for an engine that cannot write qcow2: every step with qemu-img and qemu-io. */
@@ -347,13 +372,30 @@ function generateWithQemu(dir: string, layers: DemoLayer[]): void {
   }
 }
 
-/** True when demo.json exists, matches this layout and is newer than this script. */
+/** Hash of the engine's sources (src/ without tests): a demo QEMU helped make is remade when it changes. */
+export function engineFingerprint(): string {
+  const root = fileURLToPath(new URL('../src', import.meta.url));
+  const hash = createHash('sha256');
+  const walk = (d: string): void => {
+    for (const e of readdirSync(d, { withFileTypes: true }).sort((x, y) => (x.name < y.name ? -1 : 1))) {
+      const p = join(d, e.name);
+      if (e.isDirectory()) walk(p);
+      else if (e.name.endsWith('.ts') && !e.name.endsWith('.test.ts')) hash.update(e.name).update(readFileSync(p));
+    }
+  };
+  walk(root);
+  return hash.digest('hex').slice(0, 16);
+}
+
+/** True when demo.json exists, matches this layout, is newer than this script, and (when QEMU helped) the engine is unchanged. */
 function upToDate(dir: string): boolean {
   const manifest = join(dir, 'demo.json');
   if (!existsSync(manifest)) return false;
   try {
     const m = JSON.parse(readFileSync(manifest, 'utf8')) as DemoManifest;
     if (m.layout !== DEMO_LAYOUT || !m.files.every((f) => existsSync(join(dir, f.name)))) return false;
+    // QEMU's tools made part of it: remake it when the engine has changed, in case it can now.
+    if (m.byQemu.length > 0 && m.engine !== engineFingerprint()) return false;
   } catch {
     return false;
   }
@@ -398,28 +440,18 @@ export async function makeDemo(dir: string, opts: { force?: boolean; generator?:
   }
 }
 
-/** Which optional parts the demo got. */
-interface DemoExtras {
-  snapshot: boolean;
-  bitmaps: boolean;
-}
-
-/** The end of the demo's description: the optional parts it has. */
-function describeExtras(m: DemoExtras): string {
-  const parts = [m.snapshot ? 'an internal snapshot' : '', m.bitmaps ? 'two dirty bitmaps' : ''].filter((p) => p !== '');
-  return parts.length > 0 ? `, ${parts.join(' and ')}.` : '.';
-}
-
 /** Makes the images and demo.json in `dir`. */
 async function generate(dir: string, opts: { generator?: 'engine' | 'qemu' }): Promise<DemoManifest> {
   const layers = demoLayers();
   const log = (m: string): void => void process.stderr.write(`[make-demo] ${m}\n`);
-  const made: DemoExtras = { snapshot: false, bitmaps: false };
   let generator: DemoManifest['generator'] = 'engine';
   let byQemu: string[] = [];
+  let extras = { snapshot: false, bitmaps: false };
   if (opts.generator !== 'qemu') {
     try {
-      byQemu = await generateWithEngine(dir, layers, log, made);
+      const r = await generateWithEngine(dir, layers, log);
+      byQemu = r.byQemu;
+      extras = { snapshot: r.snapshot, bitmaps: r.bitmaps };
     } catch (e) {
       if (!(e instanceof EngineCannotWrite) || opts.generator === 'engine') throw e;
       log(`the engine cannot make the demo yet (${e.message}); using qemu-img/qemu-io (temporary)`);
@@ -432,6 +464,7 @@ async function generate(dir: string, opts: { generator?: 'engine' | 'qemu' }): P
     for (const l of layers) rmSync(join(dir, l.file), { force: true });
     generateWithQemu(dir, layers);
     byQemu = ['everything (qemu-img, qemu-io)'];
+    extras = { snapshot: true, bitmaps: true };
   }
   const hash = createHash('sha256');
   const files = layers.map((l) => {
@@ -444,12 +477,13 @@ async function generate(dir: string, opts: { generator?: 'engine' | 'qemu' }): P
     version: hash.digest('hex').slice(0, 16),
     generator,
     byQemu,
+    engine: engineFingerprint(),
     image: layers[layers.length - 1]!.file,
     files,
     description:
       'A 64 MiB qcow2 overlay over a qcow2 base: GPT with an EFI and a Linux partition, data in both layers, ' +
       'zero clusters hiding base data, compressed clusters' +
-      describeExtras(generator === 'qemu' ? { snapshot: true, bitmaps: true } : made),
+      (extras.snapshot && extras.bitmaps ? ', an internal snapshot and two dirty bitmaps (written to after they were added).' : extras.snapshot ? ' and an internal snapshot.' : extras.bitmaps ? ' and two dirty bitmaps (written to after they were added).' : '.'),
   };
   writeFileSync(join(dir, 'demo.json'), `${JSON.stringify(manifest, null, 2)}\n`);
   return manifest;

@@ -27,11 +27,20 @@ export const DEMO_DIR = join(webRoot, 'public', 'demo');
 const PRECACHE_TOKEN = '__QBLOCK_PRECACHE_MANIFEST__';
 const ICON_SIZES = [192, 512] as const;
 
-/** True when the demo needs (re)generating: no demo.json, or one older than the generator. */
+/**
+ * True when the demo may need (re)generating: no demo.json, one older than
+ * the generator, or one QEMU's tools helped make (the generator then checks
+ * whether the engine changed and can do those steps itself now).
+ */
 function demoStale(): boolean {
   const manifest = join(DEMO_DIR, 'demo.json');
   if (!existsSync(manifest)) return true;
-  return statSync(manifest).mtimeMs < statSync(join(repoRoot, 'scripts', 'make-demo.ts')).mtimeMs;
+  if (statSync(manifest).mtimeMs < statSync(join(repoRoot, 'scripts', 'make-demo.ts')).mtimeMs) return true;
+  try {
+    return ((JSON.parse(readFileSync(manifest, 'utf8')) as { byQemu?: unknown[] }).byQemu?.length ?? 0) > 0;
+  } catch {
+    return true;
+  }
 }
 
 /** Runs scripts/make-demo.ts when the demo is stale; a failure is reported, and the app starts without a demo. */
