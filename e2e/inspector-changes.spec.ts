@@ -101,10 +101,10 @@ test('commit that empties the overlay matches qemu-img commit', async ({ page },
     for (const f of ['base1.qcow2', 'overlay.qcow2']) expect(qemuCheck(join(ui, f)).status, f).toBe(0);
     expect(run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', join(ui, 'base1.qcow2'), join(dir, 'base1.qcow2')]).trim()).toBe('Images are identical.');
     expect(run('qemu-img', ['compare', join(ui, 'overlay.qcow2'), join(dir, 'overlay.qcow2')]).trim()).toBe('Images are identical.');
-    // Emptied: the overlay holds nothing itself any more, as after QEMU's commit.
-    const map = qemuMapNoOffsets(join(ui, 'overlay.qcow2'));
-    expect(map).toEqual(qemuMapNoOffsets(join(dir, 'overlay.qcow2')));
-    expect(map.filter((e) => e.depth === 0 && e.data === true)).toEqual([]);
+    // Emptied: the overlay holds nothing itself any more, as after QEMU's commit (its own layer maps as QEMU's does).
+    const top = (f: string): Array<Record<string, unknown>> => qemuMapNoOffsets(f).filter((e) => e.depth === 0);
+    expect(top(join(ui, 'overlay.qcow2'))).toEqual(top(join(dir, 'overlay.qcow2')));
+    expect(top(join(ui, 'overlay.qcow2')).filter((e) => e.present === true)).toEqual([]);
     // The allocation map of the still-open overlay shows it too: everything comes from the base.
     await tab(page, 'Allocation map');
     await expect(page.locator('[data-testid="map-status"][data-state="done"]')).toBeAttached({ timeout: 20_000 });

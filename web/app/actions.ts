@@ -180,7 +180,7 @@ export function renderActions(app: App, img: OpenImage, root: HTMLElement, showO
     try {
       await app.jobs.run(`Rebase ${img.label}${unsafe.checked ? ' (unsafe)' : ''}`, (job) => app.inspector.rebase(img.id, req, { progress: job.progress, signal: job.signal }));
       // The chain below the image changed: open it again to see the new one.
-      app.notice = { text: backing ? `Rebased onto ${backing}${unsafe.checked ? ' (unsafe: only the name was changed)' : ''}.` : 'Rebased: the image has no backing file now.', testid: 'rebase-done' };
+      app.notice = { path: img.opfsPath!, text: backing ? `Rebased onto ${backing}${unsafe.checked ? ' (unsafe: only the name was changed)' : ''}.` : 'Rebased: the image has no backing file now.', testid: 'rebase-done' };
       await app.reopen(img, false);
     } catch (e) {
       failed(rebaseOut, e, 'rebase');
@@ -194,8 +194,8 @@ export function renderActions(app: App, img: OpenImage, root: HTMLElement, showO
       : img.files
         ? button('Copy into the library', () => void copyIntoLibrary(app, img).catch((e: unknown) => replace(checkOut, errorBox(e))), { class: 'small', 'data-testid': 'copy-into-library', title: 'Your file stays as it is; the copy can be repaired, committed and changed' })
         : null;
-  const notice = app.notice;
-  app.notice = undefined;
+  const notice = app.notice?.path === img.opfsPath ? app.notice : undefined;
+  if (notice) app.notice = undefined;
   replace(
     root,
     notice ? h('p', { class: 'ok notice', role: 'status', 'data-testid': notice.testid }, notice.text) : null,

@@ -44,8 +44,8 @@ export class App {
   readonly jobs: Jobs;
   readonly images: OpenImage[] = [];
   current: OpenImage | undefined;
-  /** A message for the next render of the Actions tab (an action that reopened the image, whose view was redrawn). */
-  notice: { text: string; testid: string } | undefined;
+  /** A message for the next Actions tab of the library image at `path` (an action that reopened it, so its view was redrawn). */
+  notice: { path: string; text: string; testid: string } | undefined;
   private readonly listeners = new Map<AppEvent, Set<() => void>>();
 
   /** Starts the engine worker; call ready() before using the inspector. */
