@@ -10,7 +10,7 @@ import { proxy, releaseProxy, type Remote } from 'comlink';
 import type { PartitionTable } from '../core/partitions.ts';
 import type { HttpStats } from '../protocols/http.ts';
 import type { SnapshotInfoJson } from '../core/img/info.ts';
-import type { BitmapRequest, CommitRequest, CompareReport, CreatableFormat, HostExtent, ImageCapabilities, InspectService, L1EntryView, L2EntryView, LayerFile, Qcow2HeaderView, RebaseRequest, StoredBitmapView } from '../worker/inspect.ts';
+import type { BitmapRequest, BitmapView, CommitRequest, CompareReport, CreatableFormat, HostExtent, ImageCapabilities, InspectService, L1EntryView, L2EntryView, LayerFile, Qcow2HeaderView, RebaseRequest, StoredBitmapView } from '../worker/inspect.ts';
 import type { EngineClient, JobOptions } from './engine.ts';
 
 export type * from '../worker/inspect.ts';
@@ -108,6 +108,11 @@ export class InspectorClient {
   /** qemu-img snapshot -d on an image open read-write. */
   snapshotDelete(id: string, name: string): Promise<void> {
     return this.remote.snapshotDelete(id, name);
+  }
+
+  /** The image's dirty bitmaps (tracked by the open image, and stored in its file). */
+  bitmaps(id: string): Promise<BitmapView[]> {
+    return this.remote.bitmaps(id);
   }
 
   /** qemu-img bitmap: changes to persistent bitmap `name`, in order. */

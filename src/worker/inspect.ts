@@ -103,6 +103,16 @@ export interface RebaseRequest {
   unsafe?: boolean;
 }
 
+/** A dirty bitmap of an image, as the inspector lists it. */
+export interface BitmapView {
+  name: string;
+  granularity: number;
+  /** qemu-img info's flags: 'auto' (enabled: writes mark it), 'in-use' (inconsistent). */
+  flags: string[];
+  /** The image file holds it now; false for one the open image will store when it is closed. */
+  inFile: boolean;
+}
+
 /** How to commit an image. */
 export interface CommitRequest {
   /**
@@ -385,6 +395,24 @@ export class InspectService {
     } finally {
       await blk?.close().catch(() => undefined);
     }
+  }
+
+  /**
+   * The image's dirty bitmaps: those the open image tracks (the driver
+   * loads persistent ones at open and stores them at close) and those its
+   * file stores, as qemu-img info lists them.
+   */
+  async bitmaps(id: string): Promise<BitmapView[]> {
+    const bs = this.host.node(id);
+    const out: BitmapView[] = [];
+    const spec = await bs.drv.getSpecificInfo?.(bs);
+    const stored = spec?.data.bitmaps;
+    if (Array.isArray(stored)) {
+      for (const b of stored as Array<{ name: string; granularity: number; flags: string[] }>) {
+        if (!out.some((o) => o.name === b.name)) out.push({ name: b.name, granularity: b.granularity, flags: [...b.flags], inFile: true });
+      }
+    }
+    return out;
   }
 
   /** Throws the capability's reason when `cap` says no. */

@@ -150,7 +150,7 @@ export class AllocationMap {
     this.zoomText = h('span', { class: 'zoom-text' });
     this.tableSlot = h('div', { class: 'scroll-x' });
     this.overlayStatus = h('p', { class: 'overlay-status', 'aria-live': 'polite', 'data-testid': 'bitmap-overlay-status' });
-    const bitmaps = ((img.info[0]?.['format-specific']?.data.bitmaps ?? []) as Array<{ name: string }>).map((b) => b.name);
+    const bitmaps = img.bitmaps.map((b) => b.name);
     const overlaySelect = h(
       'select',
       { id: 'bitmap-overlay', 'data-testid': 'bitmap-overlay', onchange: ((ev: Event) => void this.showBitmap((ev.target as HTMLSelectElement).value)) as EventListener },

@@ -5,7 +5,7 @@
  * same one a third party would use; only types come from elsewhere.
  */
 import { connectEngine, connectInspector, type EngineClient, type ImageSource, type ImageSummary, type InspectorClient, type OpenOptions } from '../../src/client/index.ts';
-import type { HostExtent, ImageCapabilities, LayerFile } from '../../src/client/inspect.ts';
+import type { BitmapView, HostExtent, ImageCapabilities, LayerFile } from '../../src/client/inspect.ts';
 import type { ImageInfo } from '../../src/core/img/info.ts';
 import type { BlockdevOptions } from '../../src/core/types.ts';
 import { Jobs } from './jobs.ts';
@@ -28,6 +28,8 @@ export interface OpenImage {
   info: ImageInfo[];
   caps: ImageCapabilities;
   layers: LayerFile[];
+  /** The image's dirty bitmaps, live ones included. */
+  bitmaps: BitmapView[];
   /** Notes shown with the image (a backing file that was not given, say). */
   notes: string[];
   /** The user's files behind an image opened from the file picker or a drop, top of the chain first. */
@@ -75,8 +77,8 @@ export class App {
   async open(source: ImageSource, opts: OpenOptions, meta: { label: string; origin: ImageOrigin; opfsPath?: string; url?: string; notes?: string[]; files?: File[] }): Promise<OpenImage> {
     const summary = await this.engine.open(source, opts);
     try {
-      const [info, caps, layers] = await Promise.all([this.engine.info(summary.id, true), this.inspector.capabilities(summary.id), this.inspector.layers(summary.id)]);
-      const img: OpenImage = { id: summary.id, summary, label: meta.label, origin: meta.origin, info, caps, layers, notes: meta.notes ?? [] };
+      const [info, caps, layers, bitmaps] = await Promise.all([this.engine.info(summary.id, true), this.inspector.capabilities(summary.id), this.inspector.layers(summary.id), this.inspector.bitmaps(summary.id)]);
+      const img: OpenImage = { id: summary.id, summary, label: meta.label, origin: meta.origin, info, caps, layers, bitmaps, notes: meta.notes ?? [] };
       if (meta.opfsPath !== undefined) img.opfsPath = meta.opfsPath;
       if (meta.url !== undefined) img.url = meta.url;
       if (meta.files !== undefined) img.files = meta.files;
@@ -92,8 +94,8 @@ export class App {
 
   /** Refreshes what is known about an open image (after a repair, say); `rerender` false leaves the views as they are. */
   async refresh(img: OpenImage, rerender = true): Promise<void> {
-    const [info, caps, layers] = await Promise.all([this.engine.info(img.id, true), this.inspector.capabilities(img.id), this.inspector.layers(img.id)]);
-    Object.assign(img, { info, caps, layers });
+    const [info, caps, layers, bitmaps] = await Promise.all([this.engine.info(img.id, true), this.inspector.capabilities(img.id), this.inspector.layers(img.id), this.inspector.bitmaps(img.id)]);
+    Object.assign(img, { info, caps, layers, bitmaps });
     // A repair or commit may have changed what the host clusters hold.
     this.layouts.delete(img);
     if (rerender && this.current === img) this.emit('current');

@@ -94,13 +94,6 @@ export function snapshotsCard(app: App, img: OpenImage): HTMLElement {
   return card;
 }
 
-/** A bitmap as qemu-img info lists it. */
-interface BitmapInfo {
-  name: string;
-  granularity: number;
-  flags: string[];
-}
-
 /** The bitmaps card: list with flags in words and per-bitmap actions, and a form to add one. */
 export function bitmapsCard(app: App, img: OpenImage, showOnMap: (name: string) => void): HTMLElement {
   const card = h('section', { class: 'card', 'aria-labelledby': 'bm-h', 'data-testid': 'bitmaps-card' });
@@ -108,7 +101,7 @@ export function bitmapsCard(app: App, img: OpenImage, showOnMap: (name: string) 
   const draw = (): void => {
     const cap = img.caps.bitmaps;
     const off = !cap.ok;
-    const list = (img.info[0]?.['format-specific']?.data.bitmaps ?? []) as BitmapInfo[];
+    const list = img.bitmaps;
     const act = (what: string, name: string, changes: Parameters<App['inspector']['bitmap']>[2], done: string): void => {
       void outcome(out, 'bitmap-done', async () => {
         await app.jobs.run(`${what} on ${img.label}`, () => app.inspector.bitmap(img.id, name, changes), { cancellable: false });
@@ -129,7 +122,12 @@ export function bitmapsCard(app: App, img: OpenImage, showOnMap: (name: string) 
       return [
         b.name,
         bytes(b.granularity),
-        h('span', { 'data-flags': b.flags.join(',') }, b.flags.length ? b.flags.map((f) => BITMAP_FLAG_MEANING[f] ?? f).join('; ') : 'disabled: kept as it is, not tracking writes'),
+        h(
+          'span',
+          { 'data-flags': b.flags.join(',') },
+          b.flags.length ? b.flags.map((f) => BITMAP_FLAG_MEANING[f] ?? f).join('; ') : 'disabled: kept as it is, not tracking writes',
+          b.inFile ? '' : ' (not in the file yet: the image stores it when it is closed)',
+        ),
         h(
           'span',
           { class: 'row-actions' },
