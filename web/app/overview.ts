@@ -116,9 +116,9 @@ function formatSpecific(info: ImageInfo | undefined): HTMLElement | null {
 }
 
 /** Internal snapshots and persistent bitmaps of the image. */
-function snapshotsAndBitmaps(info: ImageInfo | undefined, showOnMap: (bitmap: string) => void): HTMLElement {
-  const snaps = info?.snapshots ?? [];
-  const bitmaps = (info?.['format-specific']?.data.bitmaps ?? []) as Array<{ name: string; granularity: number; flags: string[] }>;
+function snapshotsAndBitmaps(img: OpenImage, showOnMap: (bitmap: string) => void): HTMLElement {
+  const snaps = img.info[0]?.snapshots ?? [];
+  const bitmaps = img.bitmaps;
   const clock = (sec: number, nsec: number): string => {
     const t = sec + nsec / 1e9;
     const hh = Math.floor(t / 3600);
@@ -184,7 +184,7 @@ export async function renderOverview(app: App, img: OpenImage, root: HTMLElement
   const headerSlot = h('div', { class: 'slot wide' });
   const partSlot = h('div', { class: 'slot' }, h('p', { class: 'muted' }, 'Reading the partition table…'));
   const httpSlot = h('div', { class: 'slot' });
-  replace(root, h('div', { class: 'cards' }, summary(img), formatSpecific(img.info[0]), chainPicture(img), headerSlot, snapshotsAndBitmaps(img.info[0], showOnMap), partSlot, httpSlot));
+  replace(root, h('div', { class: 'cards' }, summary(img), formatSpecific(img.info[0]), chainPicture(img), headerSlot, snapshotsAndBitmaps(img, showOnMap), partSlot, httpSlot));
   const jobs: Array<Promise<void>> = [];
   if (img.caps.tables.ok) {
     jobs.push(
