@@ -27,6 +27,12 @@ beforeAll(() => {
   requireQemu();
   qemuImg(tmp.dir, 'create', '-q', '-f', 'qcow2', 'a.qcow2', '16M');
   qemuIo(tmp.dir, 'a.qcow2', 'write -q -P 7 0 128k', 'write -q -c -P 8 1M 64k', 'write -q -z 2M 64k');
+  qemuImg(tmp.dir, 'create', '-q', '-f', 'qcow2', 'c.qcow2', '16M');
+  qemuImg(tmp.dir, 'bitmap', '--add', 'c.qcow2', 'b0');
+  qemuImg(tmp.dir, 'bitmap', '--add', '-g', '1M', 'c.qcow2', 'big');
+  qemuImg(tmp.dir, 'bitmap', '--add', 'c.qcow2', 'off');
+  qemuImg(tmp.dir, 'bitmap', '--disable', 'c.qcow2', 'off');
+  qemuIo(tmp.dir, 'c.qcow2', 'write -q -P 1 1M 128k', 'write -q -P 2 5M 4k');
   qemuImg(tmp.dir, 'create', '-q', '-f', 'qcow2', 'b.qcow2', '16M');
   qemuIo(tmp.dir, 'b.qcow2', 'write -q -P 7 0 128k', 'write -q -P 8 1M 64k', 'write -q -P 9 5M 512');
 });
@@ -99,6 +105,33 @@ describe('inspector service', () => {
     const rc = await inspector.capabilities(raw.id);
     expect(rc.tables).toEqual({ ok: false, reason: 'raw images have no L1/L2 or refcount tables' });
     await expect(inspector.header(raw.id)).rejects.toMatchObject({ code: 'ENOTSUP' });
+  });
+
+  it('lists bitmaps and reads their dirty areas as QEMU stored them', async () => {
+    const id = await openBlob('c.qcow2');
+    expect(await inspector.bitmaps(id)).toEqual([
+      { name: 'b0', granularity: 65536, flags: ['auto'], inFile: true },
+      { name: 'big', granularity: 1 << 20, flags: ['auto'], inFile: true },
+      { name: 'off', granularity: 65536, flags: [], inFile: true },
+    ]);
+    expect(await inspector.bitmapDirty(id, 'b0')).toEqual({ name: 'b0', granularity: 65536, flags: ['auto'], runs: [[1 << 20, 128 << 10], [5 << 20, 64 << 10]], dirtyBytes: 192 << 10, truncated: false });
+    const big = await inspector.bitmapDirty(id, 'big');
+    expect([big.runs, big.dirtyBytes]).toEqual([[[1 << 20, 1 << 20], [5 << 20, 1 << 20]], 2 << 20]);
+    const off = await inspector.bitmapDirty(id, 'off');
+    expect([off.runs, off.dirtyBytes, off.flags]).toEqual([[], 0, []]);
+    await expect(inspector.bitmapDirty(id, 'nope')).rejects.toMatchObject({ code: 'ENOENT', message: "Dirty bitmap 'nope' not found" });
+  });
+
+  it('refuses to change images outside the library, with the code and reason crossing to the page', async () => {
+    const id = await openBlob('c.qcow2');
+    const caps = await inspector.capabilities(id);
+    for (const k of ['snapshots', 'bitmaps', 'write', 'rebase'] as const) expect(caps[k]).toEqual({ ok: false, reason: expect.stringMatching(/only images in the library are changed/) });
+    for (const call of [() => inspector.snapshotCreate(id, 's'), () => inspector.snapshotApply(id, 's'), () => inspector.snapshotDelete(id, 's'), () => inspector.bitmap(id, 'b1', [{ op: 'add' }])]) {
+      const err = await call().catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(BlockError);
+      expect(err).toMatchObject({ code: 'EACCES', message: expect.stringMatching(/changes the image, and only images in the library are changed/) });
+    }
+    expect(await inspector.snapshots(id)).toEqual([]);
   });
 
   it('reads the partition table of the guest disk', async () => {
