@@ -20,7 +20,7 @@
 import { transfer } from 'comlink';
 import { BlockBackend } from '../core/block-backend.ts';
 import type { BdrvChild } from '../core/child.ts';
-import { BlockError, throwIfAborted, toBlockError } from '../core/errors.ts';
+import { BlockError, toBlockError } from '../core/errors.ts';
 import { runBitmapActions, type BitmapAction } from '../core/img/bitmap.ts';
 import { commitImage, rebaseImage } from '../core/img/chain.ts';
 import { CompareError, compareImages } from '../core/img/compare.ts';
@@ -364,10 +364,10 @@ export class InspectService {
           backing: req.backing,
           unsafe: req.unsafe ?? false,
           filename: bs.filename,
-          // rebaseImage reports per chunk; an abort surfaces there as ECANCELED.
-          progress: (delta) => {
-            throwIfAborted(signal);
+          // rebaseImage reports per chunk and waits: the job yields there (OPFS reads never let the event loop run) and an abort surfaces as ECANCELED.
+          progress: async (delta) => {
             job.report((done += (delta / 100) * total));
+            await job.tick();
           },
         };
         const fmt = req.backingFmt ?? (req.backing !== '' ? await this.probeFormat(bs, req.backing) : undefined);

@@ -128,7 +128,8 @@ export interface RebaseOptions {
   forceShare?: boolean;
   /** Image name for messages. */
   filename: string;
-  progress?: (delta: number) => void;
+  /** Called after each chunk with its share of 100; a returned promise is awaited (a job yields and checks for cancellation there). */
+  progress?: (delta: number) => void | Promise<void>;
 }
 
 function skipFilters(bs: BlockNode): BlockNode {
@@ -236,7 +237,7 @@ export async function rebaseImage(graph: Graph, blk: BlockBackend, opts: RebaseO
           }
           written += c.pnum;
         }
-        opts.progress?.(step);
+        await opts.progress?.(step);
       }
     } finally {
       for (const c of closers) {
