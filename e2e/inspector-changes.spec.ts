@@ -248,6 +248,17 @@ test("the demo's bitmaps show their dirty areas over the allocation map", async 
   await expect(status).toHaveAttribute('data-state', 'done');
   expect(await page.evaluate(() => document.documentElement.scrollWidth)).toBeLessThanOrEqual(390);
   await shot(page, testInfo, 'demo-bitmap-overlay-390x844');
+  // The Actions tab with its new cards fits a phone too; on the read-only demo the changing actions say why they are off.
+  await tab(page, 'Actions');
+  await expect(page.getByTestId('snapshots-card')).toContainText('reopen it for writing');
+  await expect(page.getByTestId('bitmaps-card').getByRole('button', { name: 'Add bitmap' })).toBeDisabled();
+  expect(await page.evaluate(() => document.documentElement.scrollWidth)).toBeLessThanOrEqual(390);
+  await shot(page, testInfo, 'demo-actions-390x844', true);
+  // Keyboard: the bitmap card's button works with Enter and lands on the map with the overlay chosen.
+  await page.getByRole('button', { name: 'Show bitmap backup-0 on the map' }).focus();
+  await page.keyboard.press('Enter');
+  await expect(page.locator('#tabpanel[data-tab="Allocation map"]')).toBeVisible();
+  await expect(page.getByTestId('bitmap-overlay')).toHaveValue('backup-0');
   expect(errors).toEqual([]);
 });
 
