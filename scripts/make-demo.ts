@@ -16,8 +16,7 @@
  * Generators: the engine itself makes the images (qcow2 create, data, zero
  * and compressed writes through a BlockBackend, the internal snapshot with
  * the engine's qemu-img snapshot -c, the persistent bitmaps with its
- * qemu-img bitmap --add, and the later writes through the same backend so
- * the bitmaps mark them). Each step that can be done by the engine is tried
+ * qemu-img bitmap --add, and the later writes, which the bitmaps mark). Each step that can be done by the engine is tried
  * with it first, so the demo moves to the engine by itself as capabilities
  * land. TEMPORARY fallback, per step, while an engine lacks one (the error
  * is ENOTSUP): that step is done with qemu-img/qemu-io and listed in
@@ -240,8 +239,8 @@ type BitmapRunner = (bs: unknown, name: string, actions: Array<{ op: 'add' }>, o
  * compressed writes through a BlockBackend, the snapshot, the bitmaps and
  * the later writes. Returns what had to be done by QEMU's tools instead
  * (TEMPORARY: each step falls back to qemu-img/qemu-io when the engine
- * answers ENOTSUP; while an image has bitmaps QEMU added, the engine opens
- * it read-only, so the writes after them go through qemu-io too). Without
+ * answers ENOTSUP; an engine without bitmaps opens images with bitmaps
+ * read-only, so the writes after QEMU's bitmaps go through qemu-io too). Without
  * qemu-img those extras are skipped rather than failing `npm start`.
  */
 async function generateWithEngine(dir: string, layers: DemoLayer[], log: (m: string) => void): Promise<{ byQemu: string[]; snapshot: boolean; bitmaps: boolean }> {
@@ -323,27 +322,29 @@ async function generateWithEngine(dir: string, layers: DemoLayer[], log: (m: str
       }
       let later = layer.laterOps ?? [];
       if (layer.bitmaps?.length) {
-        // The engine's qemu-img bitmap --add first; the later writes then go through the same backend, which marks the bitmaps, and closing stores them.
-        const blk = await openRw(path);
-        let engineDid = false;
-        try {
-          for (const b of layer.bitmaps) await addBitmap(blk.bs!, b.name, [{ op: 'add' }], b.granularity ? { granularity: b.granularity } : {});
-          engineDid = true;
-          await replay(blk, later);
-          later = [];
-        } catch (e) {
-          if (engineDid || !isBlockError(e, 'ENOTSUP')) throw e;
-        } finally {
-          await blk.close();
+        // The engine's qemu-img bitmap --add first, one open per bitmap as separate qemu-img runs do (the
+        // bitmap directory keeps that order); the later writes below then mark them, and closing stores them.
+        let engineDid = 0;
+        for (const b of layer.bitmaps) {
+          const blk = await openRw(path);
+          try {
+            await addBitmap(blk.bs!, b.name, [{ op: 'add' }], b.granularity ? { granularity: b.granularity } : {});
+            engineDid++;
+          } catch (e) {
+            if (engineDid > 0 || !isBlockError(e, 'ENOTSUP')) throw e;
+            break;
+          } finally {
+            await blk.close();
+          }
         }
-        if (engineDid) made.bitmaps = true;
+        if (engineDid > 0) made.bitmaps = true;
         else if (qemu) {
           // TEMPORARY: the engine cannot store persistent dirty bitmaps yet.
           for (const b of layer.bitmaps) run('qemu-img', ['bitmap', '--add', ...(b.granularity ? ['-g', String(b.granularity)] : []), layer.file, b.name], dir);
           byQemu.push('dirty bitmaps (qemu-img bitmap)');
           made.bitmaps = true;
           if (later.length) {
-            // TEMPORARY: the engine opens images with bitmaps it cannot store read-only, and only QEMU would mark them dirty.
+            // TEMPORARY: an engine without bitmaps opens images with bitmaps read-only, and only QEMU would mark them dirty.
             replayWithQemuIo(dir, layer.file, later);
             byQemu.push('writes after the bitmaps were added (qemu-io)');
             later = [];
