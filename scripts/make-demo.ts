@@ -16,9 +16,9 @@
  * Generators: the engine itself makes the images (qcow2 create, data, zero
  * and compressed writes through a BlockBackend, the internal snapshot with
  * the engine's qemu-img snapshot -c, the persistent bitmaps with its
- * qemu-img bitmap --add, and the later writes, which the bitmaps mark). Each step that can be done by the engine is tried
- * with it first, so the demo moves to the engine by itself as capabilities
- * land. TEMPORARY fallback, per step, while an engine lacks one (the error
+ * qemu-img bitmap --add, and the later writes, which the bitmaps mark).
+ * Each step is tried with the engine first, so the demo is the engine's
+ * alone wherever the engine can do it. TEMPORARY fallback, per step, while an engine lacks one (the error
  * is ENOTSUP): that step is done with qemu-img/qemu-io and listed in
  * demo.json's byQemu, which the app shows; with everything in the engine,
  * byQemu is empty. Without qemu-utils a step the engine cannot do is left
@@ -231,23 +231,19 @@ function replayWithQemuIo(dir: string, file: string, ops: DemoOp[]): void {
   }
 }
 
-/** What the engine version of qemu-img bitmap takes: runBitmapActions, with -g as options where the engine has them. */
-type BitmapRunner = (bs: unknown, name: string, actions: Array<{ op: 'add' }>, opts?: { granularity?: number }) => Promise<void>;
-
 /**
  * Makes the demo with qblock itself: qcow2 create, then data, zero and
  * compressed writes through a BlockBackend, the snapshot, the bitmaps and
  * the later writes. Returns what had to be done by QEMU's tools instead
  * (TEMPORARY: each step falls back to qemu-img/qemu-io when the engine
  * answers ENOTSUP; an engine without bitmaps opens images with bitmaps
- * read-only, so the writes after QEMU's bitmaps go through qemu-io too). Without
- * qemu-img those extras are skipped rather than failing `npm start`.
+ * read-only, so the writes after QEMU's bitmaps go through qemu-io too).
+ * Without qemu-img those extras are skipped rather than failing `npm start`.
  */
 async function generateWithEngine(dir: string, layers: DemoLayer[], log: (m: string) => void): Promise<{ byQemu: string[]; snapshot: boolean; bitmaps: boolean }> {
   const { createNodeGraph, BlockBackend, OPEN, isBlockError } = await import('../src/node.ts');
   const { createSnapshot } = await import('../src/core/img/snapshot.ts');
   const { runBitmapActions } = await import('../src/core/img/bitmap.ts');
-  const addBitmap = runBitmapActions as unknown as BitmapRunner;
   const graph = createNodeGraph();
   const qcow2 = graph.getDriver('qcow2');
   const file = graph.getDriver('file');
@@ -328,7 +324,7 @@ async function generateWithEngine(dir: string, layers: DemoLayer[], log: (m: str
         for (const b of layer.bitmaps) {
           const blk = await openRw(path);
           try {
-            await addBitmap(blk.bs!, b.name, [{ op: 'add' }], b.granularity ? { granularity: b.granularity } : {});
+            await runBitmapActions(blk.bs!, b.name, [{ op: 'add' }], b.granularity ? { granularity: b.granularity } : {});
             engineDid++;
           } catch (e) {
             if (engineDid > 0 || !isBlockError(e, 'ENOTSUP')) throw e;
