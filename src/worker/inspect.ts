@@ -21,6 +21,7 @@ import { transfer } from 'comlink';
 import { BlockBackend } from '../core/block-backend.ts';
 import type { BdrvChild } from '../core/child.ts';
 import { BlockError, toBlockError } from '../core/errors.ts';
+import { bdrvFindDirtyBitmap } from '../core/dirty-bitmap.ts';
 import { runBitmapActions, type BitmapAction } from '../core/img/bitmap.ts';
 import { commitImage, rebaseImage } from '../core/img/chain.ts';
 import { CompareError, compareImages } from '../core/img/compare.ts';
@@ -44,6 +45,8 @@ export type { HttpStats } from '../protocols/http.ts';
 
 /** Largest host read the hex view may ask for at once. */
 const MAX_HOST_READ = 1 << 20;
+/** Most dirty runs of a bitmap returned per call. */
+const MAX_DIRTY_RUNS = 65536;
 /** Most table entries returned per call. */
 const MAX_ENTRIES = 65536;
 
@@ -408,9 +411,17 @@ export class InspectService {
     const spec = await bs.drv.getSpecificInfo?.(bs);
     const stored = spec?.data.bitmaps;
     if (Array.isArray(stored)) {
-      for (const b of stored as Array<{ name: string; granularity: number; flags: string[] }>) {
-        if (!out.some((o) => o.name === b.name)) out.push({ name: b.name, granularity: b.granularity, flags: [...b.flags], inFile: true });
-      }
+      for (const b of stored as Array<{ name: string; granularity: number; flags: string[] }>) out.push({ name: b.name, granularity: b.granularity, flags: [...b.flags], inFile: true });
+    }
+    // The open image's own bitmaps say whether each is enabled now; those added since the open come last.
+    for (const bm of bs.dirtyBitmaps) {
+      if (bm.name === null || !bm.persistent) continue;
+      const flags: string[] = [];
+      if (bm.inconsistent) flags.push('in-use');
+      if (bm.enabled) flags.push('auto');
+      const inFile = out.find((o) => o.name === bm.name);
+      if (inFile) inFile.flags = flags;
+      else out.push({ name: bm.name, granularity: bm.granularity, flags, inFile: false });
     }
     return out;
   }
@@ -452,12 +463,10 @@ export class InspectService {
   async bitmap(id: string, name: string, changes: BitmapRequest[]): Promise<void> {
     const bs = this.require(id, this.capabilities(id).bitmaps);
     if (name === '') throw new BlockError('EINVAL', 'A bitmap needs a name');
-    const actions = changes.map((c): BitmapAction => {
-      const a: BitmapAction & { granularity?: number } = { op: c.op };
-      if (c.granularity !== undefined) a.granularity = c.granularity;
-      return a;
-    });
-    await runBitmapActions(bs, name, actions);
+    // qemu-img bitmap takes one -g for the whole command line; the first add's granularity is it.
+    const granularity = changes.find((c) => c.op === 'add' && c.granularity !== undefined)?.granularity;
+    const actions = changes.map((c): BitmapAction => ({ op: c.op }));
+    await runBitmapActions(bs, name, actions, granularity !== undefined ? { granularity } : {});
     await bdrvFlush(bs);
   }
 
@@ -466,6 +475,26 @@ export class InspectService {
    * image file stores them (a writable image is flushed first).
    */
   async bitmapDirty(id: string, name: string, layer = 0): Promise<StoredBitmapView> {
+    // The open image's own bitmap is the current one (the file's copy is stale while the image is open read-write).
+    const live = bdrvFindDirtyBitmap(this.layerNode(id, layer), name);
+    if (live) {
+      const runs: Array<[number, number]> = [];
+      let truncated = false;
+      for (let pos = 0; pos < live.size; ) {
+        const a = live.hbitmap.nextDirtyArea(pos, live.size);
+        if (!a) break;
+        if (runs.length === MAX_DIRTY_RUNS) {
+          truncated = true;
+          break;
+        }
+        runs.push([a.offset, a.bytes]);
+        pos = a.offset + a.bytes;
+      }
+      const flags: string[] = [];
+      if (live.inconsistent) flags.push('in-use');
+      if (live.enabled) flags.push('auto');
+      return { name, granularity: live.granularity, flags, runs, dirtyBytes: Math.min(live.count(), live.size), truncated };
+    }
     const { bs, file } = await this.fileOf(id, layer);
     requireQcow2(bs.drv.name, bs.nodeName);
     const { header, ext } = await readHeader(file);
