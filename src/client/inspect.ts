@@ -120,7 +120,7 @@ export class InspectorClient {
     return this.remote.bitmap(id, name, changes);
   }
 
-  /** The dirty areas of a persistent bitmap as stored in a qcow2 layer's file. */
+  /** The dirty areas of a bitmap: the open image's own, else the copy a qcow2 layer's file stores. */
   bitmapDirty(id: string, name: string, layer = 0): Promise<StoredBitmapView> {
     return this.remote.bitmapDirty(id, name, layer);
   }

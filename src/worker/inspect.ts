@@ -471,8 +471,9 @@ export class InspectService {
   }
 
   /**
-   * The dirty areas of persistent bitmap `name` of a qcow2 layer, as the
-   * image file stores them (a writable image is flushed first).
+   * The dirty areas of bitmap `name` of a layer: the open image's own
+   * bitmap when it has one by that name (current, writes included), else
+   * the copy a qcow2 layer's file stores.
    */
   async bitmapDirty(id: string, name: string, layer = 0): Promise<StoredBitmapView> {
     // The open image's own bitmap is the current one (the file's copy is stale while the image is open read-write).
