@@ -30,6 +30,7 @@ import {
   overlapCheck,
   queueFree,
   signalCorruption,
+  updateRefcounts,
   writeback,
 } from './alloc.ts';
 import { getHostOffset, l2Kernel, newL2Scan, SC } from './cluster.ts';
@@ -331,11 +332,16 @@ async function allocatingStep(bs: BlockNode, s: Qcow2State, offset: number, byte
     const last = run[run.length - 1]!;
     const written = last.wEnd - first.wStart;
     const hostStart = host + (first.cowStart - first.clusterStart);
-    if (await zeroCowSpace(bs, s, hostStart, last.cowEnd - first.cowStart, [first.cowStart, first.wStart], [last.wEnd, last.cowEnd])) {
-      // The copy-on-write parts read as zero and the space is zeroed already: only the guest data is written.
-      await writeData(s, host + (first.wStart - first.clusterStart), data.subarray(0, written));
-    } else {
-      await copyOnWrite(bs, s, run, host, data, written);
+    try {
+      if (await zeroCowSpace(bs, s, hostStart, last.cowEnd - first.cowStart, [first.cowStart, first.wStart], [last.wEnd, last.cowEnd])) {
+        // The copy-on-write parts read as zero and the space is zeroed already: only the guest data is written.
+        await writeData(s, host + (first.wStart - first.clusterStart), data.subarray(0, written));
+      } else {
+        await copyOnWrite(bs, s, run, host, data, written);
+      }
+    } catch (e) {
+      if (first.reuse < 0) await abortAllocation(s, host, run.length);
+      throw e;
     }
     // The data is written; only now may the entries point at it.
     for (let k = 0; k < run.length; k++) {
@@ -351,6 +357,23 @@ async function allocatingStep(bs: BlockNode, s: Qcow2State, offset: number, byte
   } finally {
     s.l2Cache.release(ref.offset);
   }
+}
+
+/**
+ * Gives back the clusters a failed allocating write took (QEMU's
+ * qcow2_alloc_cluster_abort): no L2 entry points at them yet, so their
+ * refcounts drop at once and the next allocation may reuse them. A failure
+ * here only leaks them.
+ */
+async function abortAllocation(s: Qcow2State, host: number, count: number): Promise<void> {
+  const first = host / s.clusterSize;
+  try {
+    await updateRefcounts(s, first, count, -1);
+  } catch (e) {
+    s.bs.graph.onWarning(`qcow2_free_clusters failed: ${toBlockError(e).message}`);
+    return;
+  }
+  if (first < s.freeClusterIndex) s.freeClusterIndex = first;
 }
 
 /**
@@ -585,16 +608,40 @@ function compressedEntry(s: Qcow2State, host: number, len: number): Entry {
   return { hi: Number(v >> 32n) >>> 0, lo: Number(v & 0xffffffffn) >>> 0, zero: 0, alloc: 0 };
 }
 
-/** The driver's pwritevCompressed (QEMU's qcow2_co_pwritev_compressed_part): one whole cluster, never over an allocated one. */
+/**
+ * The driver's pwritevCompressed (QEMU's qcow2_co_pwritev_compressed_part):
+ * a cluster-aligned range compressed cluster by cluster, never over an
+ * allocated cluster; only the image's last cluster may be partial.
+ */
 export async function qcow2PwritevCompressed(bs: BlockNode, offset: number, bytes: number, buf: Uint8Array): Promise<void> {
   const s = state(bs);
   checkUsable(s);
   const cs = s.clusterSize;
   if (s.hasDataFile) throw new BlockError('ENOTSUP', 'Compression is not supported with an external data file', { node: bs.nodeName });
   if (offset % cs !== 0) throw new BlockError('EINVAL', undefined, { node: bs.nodeName });
+  if (bytes % cs !== 0 && offset + bytes !== bs.totalBytes) throw new BlockError('EINVAL', undefined, { node: bs.nodeName });
+  // QEMU compresses up to QCOW2_MAX_WORKERS clusters at once: a failing cluster does not stop the ones
+  // already under way, so later clusters up to that window are still written before the error returns.
+  const WORKERS = 8;
+  let firstError: { index: number; error: unknown } | undefined;
+  for (let i = 0, done = 0; done < bytes; i++, done += cs) {
+    if (firstError && firstError.index <= i - WORKERS) break;
+    const chunk = Math.min(cs, bytes - done);
+    try {
+      await writeCompressedCluster(s, offset + done, chunk, buf.subarray(done, done + chunk));
+    } catch (e) {
+      firstError ??= { index: i, error: e };
+    }
+  }
+  if (firstError) throw firstError.error;
+}
+
+/** Compresses one guest cluster (`bytes` short only at the image end) into a fresh host range, or writes it plainly if it does not shrink. */
+async function writeCompressedCluster(s: Qcow2State, offset: number, bytes: number, buf: Uint8Array): Promise<void> {
+  const bs = s.bs;
+  const cs = s.clusterSize;
   let data = buf.subarray(0, bytes);
   if (bytes !== cs) {
-    if (bytes > cs || offset + bytes !== bs.totalBytes) throw new BlockError('EINVAL', undefined, { node: bs.nodeName });
     // The last cluster of an unaligned image is padded with zeroes.
     data = new Uint8Array(cs);
     data.set(buf.subarray(0, bytes));

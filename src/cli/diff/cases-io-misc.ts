@@ -1,0 +1,62 @@
+/**
+ * More qemu-io differential cases: qcow2 write edge cases (compressed
+ * writes over many clusters, zero writes on compat=0.10 images with and
+ * without a backing file, failed allocating writes through blkdebug) and
+ * error cases of the commands the main list covers thinly. Same conventions
+ * as cases-io.ts.
+ */
+import type { DiffCase } from './harness.ts';
+
+/** qcow2 images made by qemu-img: compat=0.10 ones (alone and over a backing file), and a 4 KiB-cluster one. */
+const V2 = [
+  'qemu-img create -q -f qcow2 -o compat=0.10 $D/b.qcow2 1M',
+  "qemu-io -c 'write -P 9 0 1M' $D/b.qcow2",
+  'qemu-img create -q -f qcow2 -o compat=0.10 $D/v2.qcow2 1M',
+  "qemu-io -c 'write -P 1 0 128k' -c 'write -P 2 256k 64k' -c 'write -P 3 512k 64k' $D/v2.qcow2",
+  'qemu-img create -q -f qcow2 -o compat=0.10 -b b.qcow2 -F qcow2 $D/v2b.qcow2 1M',
+  "qemu-io -c 'write -P 1 0 128k' -c 'write -P 2 256k 64k' -c 'write -P 3 512k 64k' $D/v2b.qcow2",
+  'qemu-img create -q -f qcow2 -o compat=0.10,cluster_size=4k -b b.qcow2 -F qcow2 $D/v2s.qcow2 1M',
+  "qemu-io -c 'write -P 1 0 128k' -c 'write -P 3 512k 64k' $D/v2s.qcow2",
+  'qemu-img create -q -f qcow2 -o cluster_size=4k $D/c4.qcow2 1M',
+  'qemu-img create -q -f qcow2 $D/e.qcow2 64M',
+];
+
+/** qemu-io commands on one image; the image's map is compared with qemu-img afterwards (offsets included). */
+function v2(image: string, cmds: string[]): DiffCase {
+  return { setup: V2, cmd: `${cmds.map((c) => `-c '${c}'`).join(' ')} $D/${image}`, images: [image], after: [`qemu-img map --output=json $D/${image}`, `qemu-img check $D/${image}`] };
+}
+
+const ZERO_WRITES = [
+  ['write -z 64k 64k', 'write -z 256k 64k'],
+  ['write -z -u 512k 64k', 'write -z -u 0 64k'],
+  ['write -z 4k 4k', 'write -z 60k 8k'],
+  ['write -z 700k 64k', 'write -z -u 800k 4k', 'write -z -u 900k 100k'],
+  ['write -z 0 1M', 'map'],
+  ['write -z -u 0 1M', 'map'],
+];
+
+export const IO_MISC_CASES: DiffCase[] = [
+  // --- compat=0.10 zero writes: no zero flag, so QEMU discards or writes zeroes; the allocation map must match
+  ...ZERO_WRITES.map((c) => v2('v2.qcow2', c)),
+  ...ZERO_WRITES.map((c) => v2('v2b.qcow2', c)),
+  ...ZERO_WRITES.map((c) => v2('v2s.qcow2', c)),
+
+  // --- compressed writes longer than a cluster are split into clusters (only the last cluster of the image may be short)
+  { setup: V2, cmd: "-c 'write -c -P 2 256k 64k' -c 'read -P 2 256k 64k' -c map $D/c4.qcow2", images: ['c4.qcow2'], after: ['qemu-img check $D/c4.qcow2'] },
+  { setup: V2, cmd: "-c 'write -c 8k 6k' -c 'write -c 6k 4k' -c 'write -c 1020k 4k' -c map $D/c4.qcow2", images: ['c4.qcow2'] },
+  { setup: V2, cmd: "-c 'write -c 0 4k' -c 'write -c 0 8k' $D/c4.qcow2", images: ['c4.qcow2'] },
+
+  // --- a failed allocating write gives its clusters back: no leaks, and the next write reuses them
+  {
+    setup: V2,
+    cmd: "--image-opts -c 'write -P 1 0 16M' -c 'write -P 2 0 64k' driver=qcow2,file.driver=blkdebug,file.image.filename=$D/e.qcow2,file.inject-error.0.event=write_aio,file.inject-error.0.errno=28,file.inject-error.0.once=on",
+    images: ['e.qcow2'],
+    after: ['qemu-img check $D/e.qcow2', 'qemu-img map --output=json $D/e.qcow2'],
+  },
+  {
+    setup: V2,
+    cmd: "--image-opts -c 'write -P 1 4k 1M' -c 'write -P 2 8k 4k' driver=qcow2,file.driver=blkdebug,file.image.filename=$D/e.qcow2,file.inject-error.0.event=write_aio,file.inject-error.0.errno=5,file.inject-error.0.once=on",
+    images: ['e.qcow2'],
+    after: ['qemu-img check $D/e.qcow2', 'qemu-img map --output=json $D/e.qcow2'],
+  },
+];
