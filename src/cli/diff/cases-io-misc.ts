@@ -46,6 +46,10 @@ export const IO_MISC_CASES: DiffCase[] = [
   { setup: V2, cmd: "-c 'write -c 8k 6k' -c 'write -c 6k 4k' -c 'write -c 1020k 4k' -c map $D/c4.qcow2", images: ['c4.qcow2'] },
   { setup: V2, cmd: "-c 'write -c 0 4k' -c 'write -c 0 8k' $D/c4.qcow2", images: ['c4.qcow2'] },
 
+  // --- discard goes through the L2 table even where there is none yet (QEMU allocates it)
+  { setup: V2, cmd: "-c 'discard 0 1M' $D/c4.qcow2", images: ['c4.qcow2'], after: ['qemu-img check $D/c4.qcow2'] },
+  { setup: V2, cmd: "-c 'discard 0 64k' -c 'write -P 1 64k 64k' $D/e.qcow2", images: ['e.qcow2'], after: ['qemu-img check $D/e.qcow2', 'qemu-img map --output=json $D/e.qcow2'] },
+
   // --- a failed allocating write gives its clusters back: no leaks, and the next write reuses them
   {
     setup: V2,

@@ -22,7 +22,7 @@
 import { BlockError, toBlockError } from '../../core/errors.ts';
 import { bdrvDebugEvent, bdrvFlush, bdrvGetLength, bdrvPdiscard, bdrvPreadv, bdrvPwritev } from '../../core/io.ts';
 import { HDR, hex, INCOMPAT, LIMITS, parseHeader, serializeHeader } from './header.ts';
-import { refcountKernel } from './refcount.ts';
+import { refcountKernel, refcountMetadataSize } from './refcount.ts';
 import { metadataOverlap, overlapName, hiWord, loWord, type DiscardType, type Qcow2State } from './state.ts';
 
 /** Announces a blkdebug event on the image file (QEMU's BLKDBG_EVENT(bs->file, …)). */
@@ -192,14 +192,17 @@ async function writeReftableEntry(s: Qcow2State, index: number): Promise<void> {
 
 /**
  * Creates refcount block `index` at host cluster `at` (inside the range it
- * describes, counting itself), writes it, then hooks it into the table.
+ * describes, counting itself, unless `self` is false: then the block
+ * covering `at` counts it and reaches disk first), writes it, then hooks
+ * it into the table.
  */
-async function createRefblock(s: Qcow2State, index: number, at: number): Promise<void> {
+async function createRefblock(s: Qcow2State, index: number, at: number, self = true): Promise<void> {
   const cs = s.clusterSize;
   const E = s.refcount.blockEntries;
   await ev(s, 'refblock_alloc');
   const block = new Uint8Array(cs);
-  refcountKernel().set(block, at - index * E, s.refcount.order, 1);
+  if (self) refcountKernel().set(block, at - index * E, s.refcount.order, 1);
+  else await flushRefblocks(s);
   await overlapCheck(s, 0, at * cs, cs);
   await ev(s, 'refblock_alloc_write');
   await bdrvPwritev(s.bs.file!, at * cs, cs, block);
@@ -346,11 +349,108 @@ async function findFree(s: Qcow2State, n: number, exact: boolean): Promise<{ sta
 export async function allocClusters(s: Qcow2State, n: number, exact = true): Promise<{ offset: number; count: number }> {
   if (n <= 0) throw new BlockError('EINVAL', 'qcow2: empty allocation');
   await ev(s, 'cluster_alloc');
+  if (exact) {
+    const start = await allocExact(s, n);
+    return { offset: start * s.clusterSize, count: n };
+  }
   const { start, count, firstZero } = await findFree(s, n, exact);
   await updateRefcounts(s, start, count, 1);
-  // Holes the search skipped (too short for an exact request) stay candidates for the next one.
-  s.freeClusterIndex = firstZero >= 0 && firstZero < start ? firstZero : start + count;
+  // Like QEMU's alloc_clusters_noref, the search index moves past the run: holes it skipped as too
+  // short are not revisited until a free lowers the index again.
+  void firstZero;
+  s.freeClusterIndex = start + count;
   return { offset: start * s.clusterSize, count };
+}
+
+/**
+ * The first run of `n` clusters from s.freeClusterIndex whose refcounts are
+ * 0, counting clusters without a refcount block (or past the table) as free,
+ * as QEMU's alloc_clusters_noref does; moves the index past the run.
+ */
+async function searchRun(s: Qcow2State, n: number): Promise<number> {
+  const E = s.refcount.blockEntries;
+  const order = s.refcount.order;
+  const k = refcountKernel();
+  let c = s.freeClusterIndex;
+  let runStart = c;
+  while (c < runStart + n) {
+    const b = Math.floor(c / E);
+    const off = await refblockOffset(s, b);
+    if (off === 0) {
+      c = Math.min((b + 1) * E, runStart + n);
+      continue;
+    }
+    const block = await loadRefblock(s, off);
+    const limit = Math.min(E, runStart + n - b * E);
+    const nz = k.findNonZero(block, c - b * E, limit, order);
+    if (nz < limit) {
+      runStart = b * E + nz + 1;
+      c = runStart;
+    } else {
+      c = b * E + limit;
+    }
+  }
+  s.freeClusterIndex = runStart + n;
+  return runStart;
+}
+
+/**
+ * Allocates exactly `n` contiguous clusters with refcount 1 the way QEMU's
+ * qcow2_alloc_clusters places them: the run is chosen as if missing
+ * refcount blocks were free; a block the run needs goes to the first free
+ * cluster after the run (describing itself where it can), and the search
+ * starts over, from the run's start when part of it had been counted (the
+ * undone update lowers the search index again). Returns the first cluster.
+ */
+async function allocExact(s: Qcow2State, n: number): Promise<number> {
+  const E = s.refcount.blockEntries;
+  for (let guard = 0; guard < 1 << 20; guard++) {
+    const start = await searchRun(s, n);
+    let missing = -1;
+    for (let b = Math.floor(start / E); b <= Math.floor((start + n - 1) / E); b++) {
+      if (b >= s.refcount.tableSize || (await refblockOffset(s, b)) === 0) { missing = b; break; }
+    }
+    if (missing < 0) {
+      await updateRefcounts(s, start, n, 1);
+      return start;
+    }
+    const first = Math.max(start, missing * E);
+    if (missing >= s.refcount.tableSize) {
+      // The table must grow first; its new area starts where the search reached.
+      s.freeClusterIndex = await growRefcountTable(s, first);
+      continue;
+    }
+    await placeRefblock(s, missing);
+    // QEMU's update_refcount undoes the part of the run it had counted, which lowers the index to the run.
+    if (first > start && start < s.freeClusterIndex) s.freeClusterIndex = start;
+  }
+  throw new BlockError('ENOSPC', 'qcow2: no free clusters', { node: s.bs.nodeName });
+}
+
+/**
+ * Creates missing refcount block `index` at the next free cluster (QEMU's
+ * alloc_refcount_block): in its own range it counts itself; elsewhere its
+ * cluster is counted by the block covering it, which is created the same
+ * way first when it is missing too (the caller then retries).
+ */
+async function placeRefblock(s: Qcow2State, index: number): Promise<void> {
+  const E = s.refcount.blockEntries;
+  const at = await searchRun(s, 1);
+  const holder = Math.floor(at / E);
+  if (holder === index) {
+    await createRefblock(s, index, at);
+    return;
+  }
+  if (holder >= s.refcount.tableSize) {
+    s.freeClusterIndex = await growRefcountTable(s, at);
+    return;
+  }
+  if ((await refblockOffset(s, holder)) === 0) {
+    await placeRefblock(s, holder);
+    return;
+  }
+  await updateRefcounts(s, at, 1, 1);
+  await createRefblock(s, index, at, false);
 }
 
 /**
@@ -547,4 +647,159 @@ export async function writeback(s: Qcow2State): Promise<void> {
 /** Reads the raw words of one 8-byte entry (for callers outside the hot path). */
 export function entryWords(b: Uint8Array, o: number): [number, number] {
   return [hiWord(b, o), loWord(b, o)];
+}
+
+/**
+ * Drops the refcount blocks that count nothing but possibly themselves
+ * (QEMU's qcow2_shrink_reftable, after a shrink freed their range): the
+ * table without them is written and made durable first, then each dropped
+ * block's own refcount goes to 0 and its cluster is discarded. A crash in
+ * between leaves the dropped blocks leaked, never referenced and free.
+ */
+export async function shrinkReftable(s: Qcow2State): Promise<void> {
+  const E = s.refcount.blockEntries;
+  const cs = s.clusterSize;
+  const order = s.refcount.order;
+  const k = refcountKernel();
+  const size = s.refcount.tableSize;
+  const next = s.refcount.table.slice();
+  const dropped: number[] = [];
+  for (let i = 0; i < size; i++) {
+    const off = await refblockOffset(s, i);
+    if (off === 0) continue;
+    const block = await loadRefblock(s, off);
+    const ci = off / cs;
+    // A block inside the range it counts holds its own reference, which does not keep it alive.
+    const own = Math.floor(ci / E) === i ? ci - i * E : -1;
+    const used = own < 0 ? k.findNonZero(block, 0, E, order) < E : k.findNonZero(block, 0, own, order) < own || k.findNonZero(block, own + 1, E, order) < E;
+    if (used) continue;
+    next.fill(0, 8 * i, 8 * i + 8);
+    dropped.push(i);
+  }
+  if (dropped.length === 0) return;
+  await overlapCheck(s, 1 << 3, s.refcount.tableOffset, next.length);
+  await ev(s, 'reftable_update');
+  await bdrvPwritev(s.bs.file!, s.refcount.tableOffset, next.length, next);
+  await bdrvFlush(s.bs.file!.bs);
+  const discards: number[] = [];
+  for (const i of dropped) {
+    const off = s.refcount.tableEntry(i);
+    const ci = off / cs;
+    const b = Math.floor(ci / E);
+    const holder = await refblockOffset(s, b);
+    const block = holder === 0 ? undefined : await loadRefblock(s, holder);
+    const rc = block ? k.get(block, ci - b * E, order) : 0;
+    if (!block || rc !== 1) {
+      s.refcount.setTableEntry(i, 0);
+      throw await signalCorruption(s, `Invalid refcount: refblock offset ${hex(holder)}, reftable index ${b}, block offset ${hex(off)}, refcount ${hex(rc)}`);
+    }
+    k.set(block, ci - b * E, order, 0);
+    s.refcountCache.markDirty(holder);
+    if (ci < s.freeClusterIndex) s.freeClusterIndex = ci;
+    s.refcountCache.discard(off);
+    s.refcount.setTableEntry(i, 0);
+    discards.push(off);
+  }
+  await flushRefblocks(s);
+  for (const off of discards) {
+    try {
+      await bdrvPdiscard(s.bs.file!, off, cs);
+    } catch {
+      // Discard is advisory.
+    }
+  }
+}
+
+/**
+ * Creates self-covering refcount structures at host cluster `start`, the
+ * end of the used space (QEMU's qcow2_refcount_area with an exact size): a
+ * new table and the blocks missing between `start` and `additional`
+ * clusters past the new structures, all counting themselves. The blocks
+ * and the table are written and made durable before the header switches to
+ * the table; the old table is freed after. Returns the first cluster after
+ * the new structures, where the `additional` clusters may go.
+ */
+export async function refcountArea(s: Qcow2State, start: number, additional: number): Promise<number> {
+  const cs = s.clusterSize;
+  const E = s.refcount.blockEntries;
+  const { blocks: total } = refcountMetadataSize(start + additional, cs, s.refcount.order, false);
+  if (total * 8 > LIMITS.MAX_REFTABLE_SIZE) throw new BlockError('EFBIG', 'File too large', { node: s.bs.nodeName });
+  const areaIndex = Math.floor(start / E);
+  const perCluster = cs / 8;
+  const tableEntries = Math.ceil(total / perCluster) * perCluster;
+  const tableClusters = tableEntries / perCluster;
+  const table = new Uint8Array(tableEntries * 8);
+  const oldSize = s.refcount.tableSize;
+  table.set(s.refcount.table.subarray(0, Math.min(oldSize, tableEntries) * 8));
+  const entries = new RefcountTableView(table);
+  let missing = 0;
+  for (let i = areaIndex; i < total; i++) if (entries.get(i) === 0) missing++;
+  const tableAt = start + missing;
+  const end = tableAt + tableClusters;
+  const k = refcountKernel();
+  const fresh: Array<[number, Uint8Array]> = [];
+  let blockAt = start;
+  for (let i = areaIndex; i < total; i++) {
+    let off = entries.get(i);
+    let block: Uint8Array;
+    if (off !== 0) {
+      block = await loadRefblock(s, off);
+    } else {
+      off = blockAt++ * cs;
+      block = new Uint8Array(cs);
+      entries.set(i, off);
+      fresh.push([off, block]);
+    }
+    const firstCovered = i * E;
+    if (firstCovered < end) {
+      for (let j = Math.max(start - firstCovered, 0); j < Math.min(end - firstCovered, E); j++) k.set(block, j, s.refcount.order, 1);
+      if (fresh.length === 0 || fresh[fresh.length - 1]![0] !== off) s.refcountCache.markDirty(off);
+    }
+  }
+  const file = s.bs.file!;
+  await ev(s, 'refblock_alloc_write_blocks');
+  await flushRefblocks(s);
+  for (const [off, block] of fresh) {
+    await overlapCheck(s, 0, off, cs);
+    await bdrvPwritev(file, off, cs, block);
+  }
+  await ev(s, 'refblock_alloc_write_table');
+  await overlapCheck(s, 0, tableAt * cs, table.length);
+  await bdrvPwritev(file, tableAt * cs, table.length, table);
+  await bdrvFlush(file.bs);
+  await ev(s, 'refblock_alloc_switch_table');
+  const hdr = new Uint8Array(12);
+  const hdv = new DataView(hdr.buffer);
+  hdv.setBigUint64(0, BigInt(tableAt * cs));
+  hdv.setUint32(8, tableClusters);
+  await bdrvPwritev(file, HDR.refcountTableOffset, 12, hdr);
+  await bdrvFlush(file.bs);
+  const oldOffset = s.refcount.tableOffset;
+  const oldBytes = s.refcount.table.length;
+  s.refcount.table = table;
+  s.refcount.tableOffset = tableAt * cs;
+  s.header.refcountTableOffset = tableAt * cs;
+  s.header.refcountTableClusters = tableClusters;
+  for (const [off, block] of fresh) await s.refcountCache.put(off, block, false);
+  if (oldBytes > 0) {
+    // QEMU frees the old table at once (qcow2_free_clusters), so its clusters are free for the next allocation.
+    queueFree(s, oldOffset, oldBytes, 'other');
+    await applyFrees(s);
+  }
+  return end;
+}
+
+/** Big-endian 64-bit refcount table entries over a buffer (for a table being built). */
+class RefcountTableView {
+  private readonly dv: DataView;
+  constructor(table: Uint8Array) {
+    this.dv = new DataView(table.buffer, table.byteOffset, table.byteLength);
+  }
+  get(i: number): number {
+    return this.dv.getUint32(8 * i) * 0x100000000 + ((this.dv.getUint32(8 * i + 4) & 0xfffffe00) >>> 0);
+  }
+  set(i: number, off: number): void {
+    this.dv.setUint32(8 * i, Math.floor(off / 0x100000000));
+    this.dv.setUint32(8 * i + 4, off >>> 0);
+  }
 }

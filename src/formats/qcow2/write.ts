@@ -29,6 +29,8 @@ import {
   markDirtyIfLazy,
   overlapCheck,
   queueFree,
+  refcountArea,
+  shrinkReftable,
   signalCorruption,
   updateRefcounts,
   writeback,
@@ -550,12 +552,8 @@ export async function clusterDiscard(s: Qcow2State, offset: number, bytes: numbe
     const gci = Math.floor(cur / cs);
     const l1i = Math.floor(gci / s.l2Entries);
     const tableEnd = (l1i + 1) * s.l2Entries * cs;
-    const [l1hi, l1lo] = l1Words(s, l1i);
-    if (entryOffset(l1hi, l1lo) === 0 && (full || !s.bs.backing || s.header.version < 3)) {
-      // No table and nothing to record: the range already reads as the discard wants.
-      cur = Math.min(end, tableEnd);
-      continue;
-    }
+    // Like QEMU's discard_in_l2_slice (through get_cluster_table), a missing L2 table is allocated even
+    // where the range already reads as the discard wants: image layouts stay the same as QEMU's.
     const ref = await writableSlice(s, gci);
     try {
       const l2Offset = entryOffset(...l1Words(s, l1i));
@@ -700,9 +698,10 @@ export async function growL1(s: Qcow2State, minSize: number, exact: boolean): Pr
   await writeback(s);
   const table = new Uint8Array(bytes);
   table.set(s.l1.subarray(0, old * 8));
-  await overlapCheck(s, 0, offset, bytes);
+  // Only the entries are written (as QEMU does), so the file ends where the table does.
+  await overlapCheck(s, 0, offset, size * 8);
   await ev(s, 'l1_grow_write_table');
-  await bdrvPwritev(s.bs.file!, offset, bytes, table);
+  await bdrvPwritev(s.bs.file!, offset, size * 8, table.subarray(0, size * 8));
   await barrier(s);
   await ev(s, 'l1_grow_activate_table');
   const hdr = new Uint8Array(12);
@@ -759,24 +758,102 @@ async function lastUsedCluster(s: Qcow2State): Promise<number> {
   return -1;
 }
 
-/** Allocates host clusters for every cluster of [from, to) that has none (QEMU's preallocate_co, metadata mode). */
-async function preallocate(bs: BlockNode, s: Qcow2State, from: number, to: number): Promise<void> {
+/**
+ * Allocates host clusters for every cluster of [from, to) that has none
+ * (QEMU's preallocate_co): one L2 slice at a time, its table first and then
+ * one contiguous run for the clusters that need one, as QEMU's
+ * qcow2_alloc_host_offset places them.
+ */
+async function preallocate(s: Qcow2State, from: number, to: number): Promise<void> {
   const cs = s.clusterSize;
-  for (let c = Math.floor(from / cs); c * cs < to; c++) {
+  let c = Math.floor(from / cs);
+  const endCluster = Math.ceil(to / cs);
+  while (c < endCluster) {
     const ref = await writableSlice(s, c);
     try {
-      const old = getEntry(s, ref.slice, ref.index);
-      if (hasHost(s, old) || old.hi & HI_COMPRESSED) continue;
-      const host = s.hasDataFile ? c * cs : (await allocClusters(s, 1)).offset;
-      const [hi, lo] = offsetWords(host, HI_COPIED);
-      // Extended entries keep their bitmap: the subclusters stay unallocated, like QEMU's preallocation.
-      putEntry(s, ref.slice, ref.index, s.l2EntryBytes === 16 ? { hi, lo, zero: old.zero, alloc: old.alloc } : { hi, lo, zero: 0, alloc: 0 });
-      sliceChanged(s, ref);
+      const stop = Math.min(endCluster, c + ref.room);
+      // Clusters that already have a host cluster (or are compressed) keep it and split the runs.
+      const needs = (k: number): boolean => {
+        const e = getEntry(s, ref.slice, ref.index + k);
+        return !hasHost(s, e) && !(e.hi & HI_COMPRESSED);
+      };
+      let k = 0;
+      while (c + k < stop) {
+        if (!needs(k)) { k++; continue; }
+        let n = 1;
+        while (c + k + n < stop && needs(k + n)) n++;
+        const host = s.hasDataFile ? (c + k) * cs : (await allocClusters(s, n)).offset;
+        for (let j = 0; j < n; j++) linkPreallocated(s, ref, k + j, s.hasDataFile ? (c + k + j) * cs : host + j * cs);
+        sliceChanged(s, ref);
+        k += n;
+      }
+      c = stop;
     } finally {
       s.l2Cache.release(ref.offset);
     }
   }
-  void bs;
+}
+
+/** Points entry `k` (from the slice's wanted index) at preallocated `host`; extended entries keep their bitmap, the subclusters stay unallocated like QEMU's. */
+function linkPreallocated(s: Qcow2State, ref: SliceRef, k: number, host: number): void {
+  const old = getEntry(s, ref.slice, ref.index + k);
+  const [hi, lo] = offsetWords(host, HI_COPIED);
+  putEntry(s, ref.slice, ref.index + k, s.l2EntryBytes === 16 ? { hi, lo, zero: old.zero, alloc: old.alloc } : { hi, lo, zero: 0, alloc: 0 });
+}
+
+/**
+ * falloc/full growth without a data file (QEMU's qcow2_co_truncate): the
+ * refcount structures for the new clusters go at the end of the file, the
+ * data clusters in one run after them, the file is extended over the run
+ * with the preallocation mode, and only then do L2 entries point at it.
+ */
+async function preallocateFile(s: Qcow2State, old: number, offset: number, prealloc: PreallocMode): Promise<void> {
+  const cs = s.clusterSize;
+  const len = await bdrvGetLength(s.bs.file!.bs);
+  const last = await lastUsedCluster(s);
+  const oldFileClusters = last >= 0 ? last + 1 : Math.ceil(len / cs);
+  const first = Math.floor(old / cs);
+  const n = Math.ceil(offset / cs) - first;
+  if (n <= 0) return;
+  // An overestimate of the L2 tables (one more for an unaligned head or tail): the refcount
+  // structures must cover them so that linking never needs a new refcount block.
+  const l2Tables = Math.ceil(n / s.l2Entries) + 1;
+  const start = await refcountArea(s, oldFileClusters, n + l2Tables);
+  // The area past the new structures is free by construction (QEMU's qcow2_alloc_clusters_at).
+  await updateRefcounts(s, start, n, 1);
+  try {
+    await bdrvTruncate(s.bs.file!, (start + n) * cs, false, prealloc);
+  } catch (e) {
+    await abortAllocation(s, start * cs, n);
+    throw new BlockError(toBlockError(e).code, `Failed to resize underlying file: ${toBlockError(e).message}`, { node: s.bs.nodeName, cause: e });
+  }
+  let c = first;
+  let host = start * cs;
+  while (c < first + n) {
+    const ref = await writableSlice(s, c);
+    try {
+      const count = Math.min(first + n - c, ref.room);
+      for (let j = 0; j < count; j++) {
+        const e = getEntry(s, ref.slice, ref.index + j);
+        // The cluster straddling the old end may hold data already; QEMU moves it to the new cluster (cow_start).
+        // The cluster straddling the old end keeps its head: QEMU links it with a copy-on-write of
+        // [cluster start, old end), read through the old mapping (backing file included).
+        const head = c + j === first ? old - first * cs : 0;
+        if (head > 0) {
+          const buf = new Uint8Array(head);
+          await qcow2Preadv(s.bs, first * cs, head, buf, 0);
+          await writeData(s, host + j * cs, buf);
+        }
+        linkPreallocated(s, ref, j, host + j * cs);
+        if (hasHost(s, e) || e.hi & HI_COMPRESSED) freeEntry(s, e.hi, e.lo, 'never');
+      }
+      sliceChanged(s, ref);
+      c += count;
+      host += count * cs;
+    } finally {
+      s.l2Cache.release(ref.offset);
+    }
+  }
 }
 
 /** The driver's truncate (QEMU's qcow2_co_truncate): grows the L1 table, or discards the cropped clusters and drops their tables. */
@@ -804,10 +881,17 @@ export async function qcow2Truncate(bs: BlockNode, offset: number, exact: boolea
       const from = Math.ceil(offset / cs) * cs;
       if (from < old) await step('Failed to discard cropped clusters', () => clusterDiscard(s, from, Math.ceil(old / cs) * cs - from, 'always', true));
       await step('Failed to reduce the number of L2 tables', () => shrinkL1(s, newL1));
+      // The cropped clusters' references drop first, so the refcount blocks that count only them are seen empty.
+      await step('Failed to discard unused refblocks', async () => {
+        await writeback(s);
+        await shrinkReftable(s);
+      });
     } else {
       await step('Failed to grow the L1 table', () => growL1(s, newL1, true));
-      if (prealloc !== 'off' && offset > old) {
-        await preallocate(bs, s, Math.ceil(old / cs) * cs, offset);
+      if ((prealloc === 'falloc' || prealloc === 'full') && offset > old && !s.hasDataFile) {
+        await preallocateFile(s, old, offset, prealloc);
+      } else if (prealloc !== 'off' && offset > old) {
+        await preallocate(s, Math.ceil(old / cs) * cs, offset);
         if (!s.hasDataFile) {
           // The file must cover the new clusters (QEMU's preallocate_co); falloc/full preallocate them there too.
           const len = await bdrvGetLength(s.bs.file!.bs);
