@@ -167,7 +167,11 @@ export interface BlockDriver {
   reopenPrepare?(state: ReopenState): Promise<void>;
   reopenCommit?(state: ReopenState): void;
   reopenAbort?(state: ReopenState): void;
-  /** After every node of the reopen committed and the permissions apply (QEMU's bdrv_reopen_commit_post); cannot fail the reopen. */
+  /**
+   * After every node of the reopen committed and the permissions apply (QEMU's
+   * bdrv_reopen_commit_post). The reopen has taken effect; an error thrown here
+   * (a failed repair) is reported as the reopen's error.
+   */
   reopenCommitPost?(state: ReopenState): Promise<void>;
   /** Drop cached metadata (after another process may have changed the file). */
   invalidateCache?(bs: BlockNode): Promise<void>;

@@ -4,12 +4,13 @@
  * format-specific info against qemu-img info, the implicit-open gate, and
  * block-status details.
  */
+import { spawnSync } from 'node:child_process';
 import { closeSync, openSync, readFileSync, writeSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { isBlockError } from '../../core/errors.ts';
 import { Graph } from '../../core/graph.ts';
 import { bdrvBlockStatus, bdrvPdiscard, bdrvPread, bdrvPwritev, bdrvPwriteZeroes, bdrvTruncate } from '../../core/io.ts';
-import { BLOCK } from '../../core/types.ts';
+import { BLOCK, PERM } from '../../core/types.ts';
 import { fileDriver } from '../../protocols/file.ts';
 import { rawDriver } from '../raw.ts';
 import type { Qcow2State } from './index.ts';
@@ -306,15 +307,30 @@ describe('reopen and cache invalidation', () => {
     } finally {
       await o.close();
     }
-    const dirty = image(['-o', 'lazy_refcounts=on']);
-    patch(tmp.path(dirty), 72, be64(1n));
+  });
+
+  it('repairs a dirty lazy-refcounts image when a reopen makes it writable, before any allocation', async () => {
+    // A crash after a lazy-refcounts write leaves the data cluster referenced with refcount 0.
+    const dirty = `dirty-${n++}.qcow2`;
+    qemuImg(tmp.dir, 'create', '-f', 'qcow2', '-o', 'lazy_refcounts=on', dirty, '1M');
+    spawnSync('/usr/bin/qemu-io', ['-c', 'write -P 0x11 0 64k', '-c', 'abort', dirty], { cwd: tmp.dir });
+    expect(spawnSync('/usr/bin/qemu-img', ['check', dirty], { cwd: tmp.dir }).status).not.toBe(0);
     const d = await openQcow2(tmp.path(dirty));
     try {
-      await expect(d.graph.reopen(d.bs, { readOnly: false })).rejects.toThrow(/Could not repair dirty image/);
-      expect(d.bs.readOnly).toBe(true);
+      await d.graph.reopen(d.bs, { readOnly: false });
+      expect(d.bs.readOnly).toBe(false);
+      const w = d.graph.attachRoot(d.bs, { kind: 'job', name: 'w', description: () => 'writer' }, 'w', PERM.CONSISTENT_READ | PERM.WRITE, PERM.ALL);
+      // Without the repair this allocation would take the cluster guest offset 0 lives in.
+      await bdrvPwritev(w, 65536, 65536, new Uint8Array(65536).fill(0x22));
+      expect((await bdrvPread(d.child, 0, 65536)).every((b) => b === 0x11)).toBe(true);
+      expect((await bdrvPread(d.child, 65536, 65536)).every((b) => b === 0x22)).toBe(true);
+      await d.graph.detachChild(w);
     } finally {
       await d.close();
     }
+    const chk = spawnSync('/usr/bin/qemu-img', ['check', dirty], { cwd: tmp.dir, encoding: 'utf8' });
+    expect(chk.stdout).toContain('No errors were found on the image.');
+    expect(chk.status).toBe(0);
   });
 
   it('sees changes another writer made after invalidateCache', async () => {

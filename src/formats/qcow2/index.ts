@@ -392,6 +392,10 @@ interface Qcow2Reopen {
   options: Record<string, unknown>;
   sizes: ReturnType<typeof computeCacheSizes>;
   choices: RuntimeChoices;
+  /** The image is dirty and becomes writable: its refcounts need the repair open does. */
+  repair: boolean;
+  /** The repair, queued on the image lock at commit so it runs before any later allocating write. */
+  repairing?: Promise<void>;
 }
 
 /** Checks a reopen (QEMU's qcow2_reopen_prepare): new cache options, and whether the image may become writable. */
@@ -412,10 +416,6 @@ async function qcow2ReopenPrepare(rs: ReopenState): Promise<void> {
   const choices = checkRuntimeOptions(options, h.version, h.compatibleFeatures);
   if (!rs.readOnly && bs.readOnly) {
     if (h.incompatibleFeatures & INCOMPAT.CORRUPT) throw new BlockError('EACCES', 'qcow2: Image is corrupt; cannot be opened read/write');
-    if (h.incompatibleFeatures & INCOMPAT.DIRTY) {
-      // The repair needs write access to the file, which a node being reopened does not have yet.
-      throw new BlockError('ENOTSUP', 'Could not repair dirty image: open the image read-write (not through a reopen) to repair its refcounts');
-    }
   }
   if (!bs.readOnly && !s.broken) {
     // Everything cached goes to disk first: the caches may be replaced, or the image become read-only.
@@ -426,9 +426,25 @@ async function qcow2ReopenPrepare(rs: ReopenState): Promise<void> {
       if (rs.readOnly && s.dirtyMarked) await markClean(s);
     });
   }
-  const r: Qcow2Reopen = { options, sizes, choices };
+  // A dirty image (lazy refcounts) becoming writable has its refcounts repaired first, as at open.
+  const repair = !rs.readOnly && bs.readOnly && (h.incompatibleFeatures & INCOMPAT.DIRTY) !== 0n;
+  const r: Qcow2Reopen = { options, sizes, choices, repair };
   rs.opaque = r;
 
+}
+
+/** Waits for the repair of a dirty image that a reopen made writable; a failed repair leaves the node unusable rather than writable over stale refcounts. */
+async function awaitReopenRepair(rs: ReopenState): Promise<void> {
+  const r = rs.opaque as Qcow2Reopen;
+  if (!r.repairing) return;
+  const s = state(rs.bs);
+  try {
+    await r.repairing;
+  } catch (e) {
+    s.broken = true;
+    const be = toBlockError(e);
+    throw new BlockError(be.code, `Could not repair dirty image: ${be.message}`, { node: rs.bs.nodeName, cause: e });
+  }
 }
 
 /** Applies a prepared reopen: new caches when their geometry changed (prepare wrote every dirty entry back). */
@@ -453,11 +469,24 @@ function qcow2ReopenCommit(rs: ReopenState): void {
     startCleanTimer(s);
   }
   installCacheHooks(s);
+  if (r.repair) {
+    r.repairing = s.lock.run(async () => {
+      const res = await qcow2Check(s.bs, s, CHECK_FIX.LEAKS | CHECK_FIX.ERRORS);
+      if (res.checkErrors > 0) throw new BlockError('EIO', 'Input/output error');
+    });
+    // Reported by commit-post; keep an unobserved failure from being reported twice.
+    r.repairing.catch(() => undefined);
+  }
 }
 
-/** After a switch to read-write, with the file writable: the bitmaps become writable and IN_USE (qcow2_reopen_commit_post). */
+/**
+ * After a switch to read-write, with the file writable: a dirty image's
+ * refcounts are repaired first, then the bitmaps become writable and IN_USE
+ * (qcow2_reopen_commit_post).
+ */
 async function qcow2ReopenCommitPost(rs: ReopenState): Promise<void> {
   if (rs.readOnly) return;
+  await awaitReopenRepair(rs);
   const bs = rs.bs;
   const s = state(bs);
   try {
