@@ -13,7 +13,8 @@ export function checkObjectOption(arg: string, ids: Set<string>): string | null 
   const props: Record<string, string> = {};
   arg.split(',').forEach((item, i) => {
     const eq = item.indexOf('=');
-    if (eq < 0 && i === 0) props['qom-type'] = item;
+    // An empty first item names no type (QEMU: the parameter is missing).
+    if (eq < 0 && i === 0) { if (item !== '') props['qom-type'] = item; }
     else if (eq >= 0) props[item.slice(0, eq)] = item.slice(eq + 1);
   });
   const type = props['qom-type'];

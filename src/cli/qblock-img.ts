@@ -25,6 +25,7 @@ import type { BlockNode } from '../core/node.ts';
 import { PREALLOC_MODES, type PreallocMode } from '../core/types.ts';
 import { asQDict, dumpQObject, fmtFixed, jsonPretty, sizeToStr, altHex, type JsonValue } from './format.ts';
 import { checkObjectOption, parseTraceOption } from './common.ts';
+import { objectHelp } from './objects.ts';
 import { Getopt, type LongOption } from './getopt.ts';
 import { QemuProgress } from './progress.ts';
 import { defaultGraph, type CliIO } from './runtime.ts';
@@ -133,6 +134,11 @@ const L = {
 
 /** --object, with qemu-img's exit on error. */
 function objectOption(img: Img, arg: string): void {
+  const help = objectHelp(arg);
+  if (help !== null) {
+    img.io.stdout(help);
+    throw new Exit(0);
+  }
   const err = checkObjectOption(arg, img.objects);
   if (err !== null) img.fail(err);
 }
@@ -173,7 +179,8 @@ function accumulate(img: Img, options: string | undefined, arg: string): string 
 async function imgOpen(img: Img, spec: { imageOpts: boolean; filename: string; fmt?: string; readOnly: boolean; cache?: string; forceShare?: boolean; noBacking?: boolean; unmap?: boolean; resize?: boolean; quiet?: boolean }, exitCode = 1): Promise<BlockBackend> {
   if (spec.imageOpts && spec.fmt !== undefined) img.fail('--image-opts and --format are mutually exclusive', exitCode);
   const o: ImageOpenSpec = {
-    filename: spec.filename,
+    // qemu-img parses --image-opts with "file" as the implied name of a leading bare word.
+    filename: spec.imageOpts && /^[^=,]+(,|$)/.test(spec.filename) ? `file=${spec.filename}` : spec.filename,
     imageOpts: spec.imageOpts,
     readOnly: spec.readOnly,
     forceShare: spec.forceShare ?? false,
@@ -181,6 +188,7 @@ async function imgOpen(img: Img, spec: { imageOpts: boolean; filename: string; f
     unmap: spec.unmap ?? false,
     resize: spec.resize ?? false,
     onWarning: (m) => img.io.stderr(`WARNING: ${m}\n`),
+    onOptionWarning: (m) => img.io.stderr(`${PROG}: warning: ${m}\n`),
   };
   if (spec.fmt !== undefined) o.format = spec.fmt;
   if (spec.cache !== undefined) o.cache = spec.cache;
@@ -485,9 +493,10 @@ function dumpHumanCheck(img: Img, c: ImageCheck, quiet: boolean): void {
 }
 
 async function imgCheck(img: Img, argv: readonly string[]): Promise<number> {
-  const p = parse(img, argv, 'hf:r:T:qU', [L.format, { name: 'repair', hasArg: 1, val: 'r' }, L.output, L.object, L.imageOpts, L.forceShare]);
+  // -p is a qblock extension (QEMU 7.2's check has none): convert's progress meter on stdout.
+  const p = parse(img, argv, 'hf:r:T:qUp', [L.format, { name: 'repair', hasArg: 1, val: 'r' }, L.output, L.object, L.imageOpts, L.forceShare]);
   let fmt: string | undefined, output: string | undefined, cache = 'writeback';
-  let repair: CheckRepair, quiet = false, imageOpts = false, forceShare = false;
+  let repair: CheckRepair, quiet = false, imageOpts = false, forceShare = false, progress = false;
   for (const o of p.opts) {
     switch (o.opt) {
       case 'f': fmt = o.arg; break;
@@ -500,6 +509,7 @@ async function imgCheck(img: Img, argv: readonly string[]): Promise<number> {
       case 'T': cache = o.arg!; break;
       case 'q': quiet = true; break;
       case 'U': forceShare = true; break;
+      case 'p': progress = true; break;
       case OPTION_OBJECT: objectOption(img, o.arg!); break;
       case OPTION_IMAGE_OPTS: imageOpts = true; break;
     }
@@ -514,9 +524,20 @@ async function imgCheck(img: Img, argv: readonly string[]): Promise<number> {
   img.graph.onWarning = (m) => img.io.stderr(`${m}\n`);
   try {
     let outcome;
+    // As in convert, -q silences the meter; JSON output keeps stdout a single document.
+    const prog = new QemuProgress((s) => img.out(s), progress && !quiet && ofmt === 'human', 1.0);
+    // The meter starts with the driver's first report, so a format without checks prints none.
+    let started = false;
+    const report = (done: number, total: number): void => {
+      if (!started) prog.print(0, 100);
+      started = true;
+      prog.print(total > 0 ? (done * 100) / total : 100, 0);
+    };
     try {
-      outcome = await checkImage(blk.bs!, filename, repair);
+      outcome = await checkImage(blk.bs!, filename, repair, report);
+      if (started) prog.end();
     } catch (e) {
+      if (started) prog.end();
       if (toBlockError(e).code === 'ENOTSUP') {
         img.report('This image format does not support checks');
         return 63;

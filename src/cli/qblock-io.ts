@@ -18,6 +18,7 @@ import { BDRV_REQUEST_MAX_BYTES, PERM, PREALLOC_MODES, REQ, type BlockdevOptions
 import { blkdebugBreak, blkdebugIsSuspended, blkdebugRemoveBreak, blkdebugResume, blkdebugSetMessageHandler, blkdebugWaitBreak } from '../filters/blkdebug.ts';
 import { cvtstr, dumpQObject, fmtFixed, hexDump, type JsonValue } from './format.ts';
 import { checkObjectOption, parseTraceOption } from './common.ts';
+import { objectHelp } from './objects.ts';
 import { Getopt, type LongOption } from './getopt.ts';
 import { defaultGraph, type CliIO } from './runtime.ts';
 import { cvtnum, strtol, type SizeParse } from './strtosz.ts';
@@ -1419,6 +1420,11 @@ export async function qblockIo(argv: readonly string[], io: CliIO): Promise<numb
         return 0;
       case 'U': o.forceShare = true; break;
       case 256: {
+        const help = objectHelp(x.arg!);
+        if (help !== null) {
+          io.stdout(help);
+          return 0;
+        }
         const err = checkObjectOption(x.arg!, objectIds);
         if (err !== null) return fail(err);
         break;

@@ -145,7 +145,8 @@ export interface BlockDriver {
   getInfo?(bs: BlockNode): Promise<BlockDriverInfo>;
   getSpecificInfo?(bs: BlockNode): Promise<ImageInfoSpecific | undefined>;
   changeBackingFile?(bs: BlockNode, backingFile: string, backingFmt: string | undefined): Promise<void>;
-  check?(bs: BlockNode, fix: number): Promise<CheckResult>;
+  /** Checks (and with `fix`, repairs) the image; `progress` may be told how far it is. */
+  check?(bs: BlockNode, fix: number, progress?: ProgressFn): Promise<CheckResult>;
   amend?(bs: BlockNode, opts: CreateOptions, force: boolean, progress?: ProgressFn): Promise<void>;
   /**
    * Drops every guest cluster of the active layer so the image reads through

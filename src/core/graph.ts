@@ -269,15 +269,11 @@ export class Graph {
     }
     let node: BlockNode;
     if (typeof spec === 'string') {
+      // A string child is a reference to an existing node (QEMU's bdrv_lookup_bs), never a file name.
       const existing = this.nodes.get(spec);
-      if (!existing) {
-        // A bare string is a filename for the protocol child, as in QEMU's file=... shorthand.
-        const childFlags = this.childFlags(parent, role);
-        node = await this.openProtocol(spec, childFlags, {});
-      } else {
-        node = existing;
-        node.refcnt++;
-      }
+      if (!existing) throw new BlockError('ENOENT', `Cannot find device='${spec}' nor node-name='${spec}'`);
+      node = existing;
+      node.refcnt++;
     } else if (spec.driver === undefined && typeof spec.filename === 'string' && !(role & ROLE.COW)) {
       // Storage children without a driver are protocol nodes chosen by the filename, never probed (QEMU's BDRV_O_PROTOCOL).
       const { filename, ...rest } = spec;

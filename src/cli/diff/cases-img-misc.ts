@@ -47,7 +47,40 @@ function shrink(image: string, size: string, then: string[] = []): DiffCase {
   };
 }
 
+/** A small qcow2 image and a raw one. */
+const SMALL = ['qemu-img create -q -f qcow2 $D/q.qcow2 1M', 'qemu-img create -q -f raw $D/a.raw 1M'];
+
+function img(cmd: string, setup: string[] = SMALL): DiffCase {
+  return { setup, cmd };
+}
+
 export const IMG_MISC_CASES: DiffCase[] = [
+  // --- --image-opts: a leading bare word is the implied "file" (a node reference), later ones short-form booleans
+  img('info --image-opts $D/q.qcow2'),
+  img("info --image-opts 'a,,b'"),
+  img('info --image-opts $D/q.qcow2,driver=qcow2'),
+  img('info --image-opts driver=qcow2,file=$D/q.qcow2'),
+  img('check --image-opts driver=qcow2,file.filename=$D/q.qcow2,bar'),
+  img(`info 'json:{"driver":"qcow2","file":"$D/q.qcow2"}'`),
+
+  // --- --object help and errors
+  img('info --object help'),
+  img('info --object ?'),
+  img('info --object help,id=x $D/q.qcow2'),
+  img('info --object bogus,help'),
+  img('info --object secret,help'),
+  img('check --object secret,id=s,? $D/q.qcow2'),
+  img('map --object throttle-group,help'),
+  img('info --object tls-creds-x509,help'),
+  img('info --object qom-type=help $D/q.qcow2'),
+  img("info --object '' $D/q.qcow2"),
+  img('info --object secret,help=on $D/q.qcow2'),
+  img('info --object secret $D/q.qcow2'),
+  img('info --object secret,id=s $D/q.qcow2'),
+  img('info --object secret,id=s,data=x --object secret,id=s,data=y $D/q.qcow2'),
+  img('info --object'),
+
+
   // --- growth with preallocation: every mode and cluster size lays the image out as QEMU does
   ...['metadata', 'falloc', 'full'].flatMap((p) => [
     grow('c64k.qcow2', `--preallocation=${p} IMG +3M`),

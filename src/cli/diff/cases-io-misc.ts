@@ -35,7 +35,25 @@ const ZERO_WRITES = [
   ['write -z -u 0 1M', 'map'],
 ];
 
+const RAW = ['qemu-img create -q -f raw $D/a.raw 1M'];
+
+function io(cmd: string): DiffCase {
+  return { setup: RAW, cmd, files: ['a.raw'] };
+}
+
 export const IO_MISC_CASES: DiffCase[] = [
+  // --- --object help and errors
+  io('--object help -c quit'),
+  io('--object ? -c quit'),
+  io('--object secret,help -c quit'),
+  io('--object authz-simple,help -c quit'),
+  io('--object bogus,help -c quit'),
+  io("--object '' -c quit"),
+  io('--object qom-type=help -c quit'),
+  io('--image-opts -c quit $D/a.raw'),
+  io('--image-opts -c quit driver=raw,foo,file.filename=$D/a.raw'),
+
+
   // --- compat=0.10 zero writes: no zero flag, so QEMU discards or writes zeroes; the allocation map must match
   ...ZERO_WRITES.map((c) => v2('v2.qcow2', c)),
   ...ZERO_WRITES.map((c) => v2('v2b.qcow2', c)),

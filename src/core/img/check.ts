@@ -4,7 +4,7 @@
  * as QAPI's ImageCheck. Formats without a check answer ENOTSUP, which the
  * tool turns into "This image format does not support checks" and exit 63.
  */
-import type { CheckResult } from '../driver.ts';
+import type { CheckResult, ProgressFn } from '../driver.ts';
 import { CHECK_FIX } from '../driver.ts';
 import { BlockError } from '../errors.ts';
 import type { BlockNode } from '../node.ts';
@@ -29,9 +29,9 @@ export interface ImageCheck {
 export type CheckRepair = 'leaks' | 'all' | undefined;
 
 /** QEMU's bdrv_check: the driver's check, ENOTSUP when it has none. */
-export async function bdrvCheck(bs: BlockNode, fix: number): Promise<CheckResult> {
+export async function bdrvCheck(bs: BlockNode, fix: number, progress?: ProgressFn): Promise<CheckResult> {
   if (!bs.drv.check) throw new BlockError('ENOTSUP', 'This image format does not support checks', { node: bs.nodeName });
-  return bs.drv.check(bs, fix);
+  return bs.drv.check(bs, fix, progress);
 }
 
 function toImageCheck(r: CheckResult, filename: string, format: string): ImageCheck {
@@ -60,11 +60,12 @@ export interface CheckOutcome {
 
 /**
  * Checks (and with `repair`, repairs) `bs`, then re-checks after repairs the
- * way qemu-img does so the report describes the repaired image.
+ * way qemu-img does so the report describes the repaired image. `progress`
+ * follows the first pass (the one that may repair).
  */
-export async function checkImage(bs: BlockNode, filename: string, repair: CheckRepair): Promise<CheckOutcome> {
+export async function checkImage(bs: BlockNode, filename: string, repair: CheckRepair, progress?: ProgressFn): Promise<CheckOutcome> {
   const fix = repair === 'all' ? CHECK_FIX.LEAKS | CHECK_FIX.ERRORS : repair === 'leaks' ? CHECK_FIX.LEAKS : 0;
-  const first = toImageCheck(await bdrvCheck(bs, fix), filename, bs.drv.name);
+  const first = toImageCheck(await bdrvCheck(bs, fix, progress), filename, bs.drv.name);
   const leaksFixed = first['leaks-fixed'] ?? 0;
   const corruptionsFixed = first['corruptions-fixed'] ?? 0;
   if (!leaksFixed && !corruptionsFixed) return { check: first };

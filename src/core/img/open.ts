@@ -181,6 +181,8 @@ export interface ImageOpenSpec {
   resize?: boolean;
   /** Receives warnings such as "probing guessed raw". */
   onWarning?: (msg: string) => void;
+  /** Receives the option parser's warnings (deprecated short-form booleans) when they print differently; defaults to onWarning. */
+  onOptionWarning?: (msg: string) => void;
 }
 
 /**
@@ -211,7 +213,7 @@ export async function openBackend(graph: Graph, spec: ImageOpenSpec): Promise<Bl
   try {
     let target: string | BlockdevOptions;
     if (spec.imageOpts) {
-      target = { ...parseOptionString(spec.filename ?? '', spec.onWarning), ...generic, ...(spec.options ?? {}) };
+      target = { ...parseOptionString(spec.filename ?? '', spec.onOptionWarning ?? spec.onWarning), ...generic, ...(spec.options ?? {}) };
     } else if (spec.filename?.startsWith('json:')) {
       const j = parseJsonFilename(spec.filename)!;
       target = { ...j, ...generic, ...(spec.options ?? {}) };
@@ -225,6 +227,10 @@ export async function openBackend(graph: Graph, spec: ImageOpenSpec): Promise<Bl
     if (typeof target !== 'string') {
       if (target.driver === undefined && target.file === undefined && target.filename === undefined) {
         throw new BlockError('EINVAL', 'Must specify either driver or file');
+      }
+      if (target.driver === undefined && typeof target.file === 'string' && !graph.findNode(target.file)) {
+        // The file child is opened first, and a string names an existing node (QEMU's bdrv_lookup_bs).
+        throw new BlockError('ENOENT', `Cannot find device='${target.file}' nor node-name='${target.file}'`);
       }
       if (target.driver === undefined && target.filename === undefined && typeof target.file === 'object') {
         // Only the protocol is given: probe the format on top of it, like bdrv_open with a bare file child.

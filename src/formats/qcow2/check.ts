@@ -11,7 +11,7 @@
  * Messages go to the graph's warning sink with QEMU's wording (qemu-img
  * prints them on stderr); the counts come back as a CheckResult.
  */
-import type { CheckResult } from '../../core/driver.ts';
+import type { CheckResult, ProgressFn } from '../../core/driver.ts';
 import { CHECK_FIX } from '../../core/driver.ts';
 import { BlockError, toBlockError } from '../../core/errors.ts';
 import { bdrvGetLength, bdrvPread, bdrvPwritev } from '../../core/io.ts';
@@ -78,6 +78,8 @@ interface Ctx {
   /** L2 tables checked once, and the recorded effects of those checked again (see checkL2Once). */
   l2Seen: Set<string>;
   l2Memo: Map<string, L2Effects>;
+  /** Reports how far the check is, in percent (the active L1 walk is most of the work). */
+  progress?: (percent: number) => void;
 }
 
 function newResult(): CheckResult {
@@ -308,6 +310,7 @@ async function checkL1(c: Ctx, l1Offset: number, l1Size: number, active: boolean
     // The fragmentation count runs per L2 table, as in QEMU.
     frag.next = 0;
     await checkL2Once(c, l2, active, frag);
+    if (active) c.progress?.((80 * (i + 1)) / l1Size);
   }
 }
 
@@ -618,7 +621,7 @@ async function rebuild(c: Ctx): Promise<void> {
  * hold the image lock. Returns QEMU's counts; a repaired image with no
  * errors left gets its dirty and corrupt bits cleared.
  */
-export async function qcow2Check(bs: BlockNode, s: Qcow2State, fix: number): Promise<CheckResult> {
+export async function qcow2Check(bs: BlockNode, s: Qcow2State, fix: number, progress?: ProgressFn): Promise<CheckResult> {
   if (fix && bs.readOnly) throw new BlockError('EACCES', 'Cannot repair a read-only image', { node: bs.nodeName });
   const res = newResult();
   const log = (m: string): void => bs.graph.onWarning(m);
@@ -643,7 +646,9 @@ export async function qcow2Check(bs: BlockNode, s: Qcow2State, fix: number): Pro
   res.bfi.totalClusters = Math.ceil(Math.floor(s.header.size / 512) * 512 / cs);
   // References past the file are kept sparsely, so a corrupt entry cannot make the table huge.
   const c: Ctx = { bs, s, res, fix, refs: new RefTable(fileClusters, fileClusters + 1024), log, rebuild: false, refcountClusters: new Set(), fileLength, l2Seen: new Set(), l2Memo: new Map() };
+  if (progress) c.progress = (p) => progress(p, 100);
   await calculate(c);
+  progress?.(90, 100);
   const before = { ...res, bfi: { ...res.bfi } };
   let highest = await compare(c, 0);
   if (fix && c.rebuild && fix & CHECK_FIX.ERRORS) {
@@ -669,6 +674,7 @@ export async function qcow2Check(bs: BlockNode, s: Qcow2State, fix: number): Pro
       highest = await compare(c, fix);
     }
   }
+  progress?.(95, 100);
   c.res = res;
   await checkCopied(c);
   res.imageEndOffset = (highest + 1) * cs;
@@ -687,5 +693,6 @@ export async function qcow2Check(bs: BlockNode, s: Qcow2State, fix: number): Pro
       }
     }
   }
+  progress?.(100, 100);
   return res;
 }

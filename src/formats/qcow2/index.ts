@@ -675,9 +675,9 @@ export const qcow2Driver: BlockDriver = {
     await s.lock.run(() => writeback(s));
   },
 
-  async check(bs, fix) {
+  async check(bs, fix, progress) {
     const s = state(bs);
-    return s.lock.run(() => qcow2Check(bs, s, fix));
+    return s.lock.run(() => qcow2Check(bs, s, fix, progress));
   },
 
   blockStatus: qcow2BlockStatus,
