@@ -237,12 +237,15 @@ const readCmd: Command = {
   async run(s, argv) {
     const p = opts(s, argv, 'bCl:pP:qs:v');
     if (!p) return usage(s, readCmd);
-    let bflag = false, cflag = false, qflag = false, vflag = false, pflag = false, lflag = false, sflag = false;
-    let pattern = 0, patOff = 0, patCount = 0;
+    const f = ioFlags(0);
+    let bflag = false, lflag = false, sflag = false;
+    let patOff = 0, patCount = 0;
     for (const o of p.list) {
+      const shared = sharedFlag(s, o, f);
+      if (shared === null) return -22;
+      if (shared) continue;
       switch (o.opt) {
         case 'b': bflag = true; break;
-        case 'C': cflag = true; break;
         case 'l': {
           lflag = true;
           const r = cvtnum(o.arg!);
@@ -251,14 +254,6 @@ const readCmd: Command = {
           break;
         }
         case 'p': break;
-        case 'P': {
-          pflag = true;
-          const v = parsePattern(s, o.arg!);
-          if (v === null) return -22;
-          pattern = v;
-          break;
-        }
-        case 'q': qflag = true; break;
         case 's': {
           sflag = true;
           const r = cvtnum(o.arg!);
@@ -266,31 +261,20 @@ const readCmd: Command = {
           patOff = Number(r.value);
           break;
         }
-        case 'v': vflag = true; break;
       }
     }
     const rest = p.g.rest();
     if (rest.length !== 2) return usage(s, readCmd);
-    const offR = cvtnum(rest[0]!);
-    if (!offR.ok) return cvtnumError(s, offR, rest[0]!);
-    const offset = Number(offR.value);
-    const cntR = cvtnum(rest[1]!);
-    if (!cntR.ok) return cvtnumError(s, cntR, rest[1]!);
-    if (cntR.value > BigInt(BDRV_REQUEST_MAX_BYTES)) {
-      s.out(`length cannot exceed ${BDRV_REQUEST_MAX_BYTES}, given ${rest[1]}\n`);
-      return -22;
-    }
-    const count = Number(cntR.value);
-    if (!pflag && (lflag || sflag)) return usage(s, readCmd);
+    const oc = offsetCount(s, rest, false, '');
+    if (typeof oc === 'number') return oc;
+    const { offset, count } = oc;
+    if (!f.P && (lflag || sflag)) return usage(s, readCmd);
     if (!lflag) patCount = count - patOff;
     if (patCount < 0 || patCount + patOff > count) {
       s.out('pattern verification range exceeds end of read data\n');
       return -22;
     }
-    if (bflag) {
-      if (offset % 512) { s.out(`${offset} is not a sector-aligned value for 'offset'\n`); return -22; }
-      if (count % 512) { s.out(`${count} is not a sector-aligned value for 'count'\n`); return -22; }
-    }
+    if (bflag && !sectorAligned(s, offset, count)) return -22;
     const buf = new Uint8Array(count).fill(0xab);
     const t0 = performance.now();
     try {
@@ -300,16 +284,7 @@ const readCmd: Command = {
       s.out(`read failed: ${strerr(e)}\n`);
       return neg(toBlockError(e).code);
     }
-    const sec = since(t0);
-    let ret = 0;
-    if (pflag && buf.subarray(patOff, patOff + patCount).some((b) => b !== pattern)) {
-      s.out(`Pattern verification failed at offset ${offset + patOff}, ${patCount} bytes\n`);
-      ret = -5;
-    }
-    if (qflag) return ret;
-    if (vflag) s.out(hexDump(buf, offset));
-    report(s, 'read', sec, offset, count, count, 1, cflag);
-    return ret;
+    return readDone(s, f, buf, offset, since(t0), patOff, patCount);
   },
 };
 
@@ -338,6 +313,86 @@ function iovLengths(s: Session, args: string[]): number[] | null {
   return out;
 }
 
+/** The flags read, readv, write, writev and their aio_ forms share: -C, -q, -v and -P pattern. */
+interface IoFlags {
+  C: boolean;
+  q: boolean;
+  v: boolean;
+  /** -P was given (its value is `pattern`). */
+  P: boolean;
+  pattern: number;
+}
+
+function ioFlags(pattern: number): IoFlags {
+  return { C: false, q: false, v: false, P: false, pattern };
+}
+
+/**
+ * Applies one of the shared flags to `f`: true when `opt` was one of them,
+ * false when it is the command's own, null after printing a bad pattern.
+ */
+function sharedFlag(s: Session, o: { opt: string; arg?: string }, f: IoFlags): boolean | null {
+  switch (o.opt) {
+    case 'C': f.C = true; return true;
+    case 'q': f.q = true; return true;
+    case 'v': f.v = true; return true;
+    case 'P': {
+      const v = parsePattern(s, o.arg!);
+      if (v === null) return null;
+      f.P = true;
+      f.pattern = v;
+      return true;
+    }
+    default: return false;
+  }
+}
+
+/** `off len [len..]` of a vectored request: the offset and the buffer lengths, or which of them was bad (already printed). */
+function vectoredArgs(s: Session, rest: string[]): { offset: number; lens: number[]; size: number } | 'offset' | 'lens' {
+  const offset = num(s, rest[0]!);
+  if (offset === null) return 'offset';
+  const lens = iovLengths(s, rest.slice(1));
+  if (!lens) return 'lens';
+  return { offset, lens, size: lens.reduce((a, b) => a + b, 0) };
+}
+
+/**
+ * `off len` of read and write; the length limit is lifted by `unlimited`
+ * (write -n), `limitNote` goes into its message. A number is the command's
+ * return value after the error was printed.
+ */
+function offsetCount(s: Session, rest: string[], unlimited: boolean, limitNote: string): { offset: number; count: number } | number {
+  const offR = cvtnum(rest[0]!);
+  if (!offR.ok) return cvtnumError(s, offR, rest[0]!);
+  const cntR = cvtnum(rest[1]!);
+  if (!cntR.ok) return cvtnumError(s, cntR, rest[1]!);
+  if (cntR.value > BigInt(BDRV_REQUEST_MAX_BYTES) && !unlimited) {
+    s.out(`length cannot exceed ${BDRV_REQUEST_MAX_BYTES}${limitNote}, given ${rest[1]}\n`);
+    return -22;
+  }
+  return { offset: Number(offR.value), count: Number(cntR.value) };
+}
+
+/** The vmstate and compressed paths take whole sectors only; false after printing which value is not. */
+function sectorAligned(s: Session, offset: number, count: number): boolean {
+  if (offset % 512) { s.out(`${offset} is not a sector-aligned value for 'offset'\n`); return false; }
+  if (count % 512) { s.out(`${count} is not a sector-aligned value for 'count'\n`); return false; }
+  return true;
+}
+
+/** After a read: -P verification of [patOff, patOff+patCount), then unless -q the -v dump and the report; -5 on a mismatch. */
+function readDone(s: Session, f: IoFlags, buf: Uint8Array, offset: number, sec: number, patOff = 0, patCount = buf.length): number {
+  let ret = 0;
+  if (f.P && buf.subarray(patOff, patOff + patCount).some((b) => b !== f.pattern)) {
+    s.out(`Pattern verification failed at offset ${offset + patOff}, ${patCount} bytes\n`);
+    ret = -5;
+  }
+  if (f.q) return ret;
+  if (f.v) s.out(hexDump(buf, offset));
+  report(s, 'read', sec, offset, buf.length, buf.length, 1, f.C);
+  return ret;
+}
+
 const readvCmd: Command = {
   name: 'readv', argmin: 2, argmax: -1, flags: 0, perm: 0,
   args: '[-Cqv] [-P pattern] off len [len..]',
@@ -360,43 +415,21 @@ const readvCmd: Command = {
   async run(s, argv) {
     const p = opts(s, argv, 'CP:qv');
     if (!p) return usage(s, readvCmd);
-    let cflag = false, qflag = false, vflag = false, pflag = false, pattern = 0;
-    for (const o of p.list) {
-      if (o.opt === 'C') cflag = true;
-      else if (o.opt === 'q') qflag = true;
-      else if (o.opt === 'v') vflag = true;
-      else if (o.opt === 'P') {
-        pflag = true;
-        const v = parsePattern(s, o.arg!);
-        if (v === null) return -22;
-        pattern = v;
-      }
-    }
+    const f = ioFlags(0);
+    for (const o of p.list) if (sharedFlag(s, o, f) === null) return -22;
     const rest = p.g.rest();
     if (rest.length < 2) return usage(s, readvCmd);
-    const offset = num(s, rest[0]!);
-    if (offset === null) return -22;
-    const lens = iovLengths(s, rest.slice(1));
-    if (!lens) return -22;
-    const size = lens.reduce((a, b) => a + b, 0);
-    const buf = new Uint8Array(size).fill(0xab);
+    const v = vectoredArgs(s, rest);
+    if (typeof v === 'string') return -22;
+    const buf = new Uint8Array(v.size).fill(0xab);
     const t0 = performance.now();
     try {
-      await s.blk!.pread(offset, buf);
+      await s.blk!.pread(v.offset, buf);
     } catch (e) {
       s.out(`readv failed: ${strerr(e)}\n`);
       return neg(toBlockError(e).code);
     }
-    const sec = since(t0);
-    let ret = 0;
-    if (pflag && buf.some((b) => b !== pattern)) {
-      s.out(`Pattern verification failed at offset ${offset}, ${size} bytes\n`);
-      ret = -5;
-    }
-    if (qflag) return ret;
-    if (vflag) s.out(hexDump(buf, offset));
-    report(s, 'read', sec, offset, size, size, 1, cflag);
-    return ret;
+    return readDone(s, f, buf, v.offset, since(t0));
   },
 };
 
@@ -428,25 +461,20 @@ const writeCmd: Command = {
   async run(s, argv) {
     const p = opts(s, argv, 'bcCfnpP:qs:uz');
     if (!p) return usage(s, writeCmd);
-    let bflag = false, cflag = false, Cflag = false, qflag = false, zflag = false, pflag = false, sflag = false;
-    let flags = 0, pattern = 0xcd;
+    const f = ioFlags(0xcd);
+    let bflag = false, cflag = false, zflag = false, sflag = false;
+    let flags = 0;
     let file = '';
     for (const o of p.list) {
+      const shared = sharedFlag(s, o, f);
+      if (shared === null) return -22;
+      if (shared) continue;
       switch (o.opt) {
         case 'b': bflag = true; break;
         case 'c': cflag = true; break;
-        case 'C': Cflag = true; break;
         case 'f': flags |= REQ.FUA; break;
         case 'n': flags |= REQ.NO_FALLBACK; break;
         case 'p': break;
-        case 'P': {
-          pflag = true;
-          const v = parsePattern(s, o.arg!);
-          if (v === null) return -22;
-          pattern = v;
-          break;
-        }
-        case 'q': qflag = true; break;
         case 's': sflag = true; file = o.arg!; break;
         case 'u': flags |= REQ.MAY_UNMAP; break;
         case 'z': zflag = true; break;
@@ -458,28 +486,18 @@ const writeCmd: Command = {
     if (flags & REQ.FUA && (bflag || cflag)) { s.out('-f and -b or -c cannot be specified at the same time\n'); return -22; }
     if (flags & REQ.NO_FALLBACK && !zflag) { s.out('-n requires -z to be specified\n'); return -22; }
     if (flags & REQ.MAY_UNMAP && !zflag) { s.out('-u requires -z to be specified\n'); return -22; }
-    if (Number(zflag) + Number(pflag) + Number(sflag) > 1) { s.out('Only one of -z, -P, and -s can be specified at the same time\n'); return -22; }
-    const offR = cvtnum(rest[0]!);
-    if (!offR.ok) return cvtnumError(s, offR, rest[0]!);
-    const offset = Number(offR.value);
-    const cntR = cvtnum(rest[1]!);
-    if (!cntR.ok) return cvtnumError(s, cntR, rest[1]!);
-    if (cntR.value > BigInt(BDRV_REQUEST_MAX_BYTES) && !(flags & REQ.NO_FALLBACK)) {
-      s.out(`length cannot exceed ${BDRV_REQUEST_MAX_BYTES} without -n, given ${rest[1]}\n`);
-      return -22;
-    }
-    const count = Number(cntR.value);
-    if (bflag || cflag) {
-      if (offset % 512) { s.out(`${offset} is not a sector-aligned value for 'offset'\n`); return -22; }
-      if (count % 512) { s.out(`${count} is not a sector-aligned value for 'count'\n`); return -22; }
-    }
+    if (Number(zflag) + Number(f.P) + Number(sflag) > 1) { s.out('Only one of -z, -P, and -s can be specified at the same time\n'); return -22; }
+    const oc = offsetCount(s, rest, (flags & REQ.NO_FALLBACK) !== 0, ' without -n');
+    if (typeof oc === 'number') return oc;
+    const { offset, count } = oc;
+    if ((bflag || cflag) && !sectorAligned(s, offset, count)) return -22;
     let buf: Uint8Array | null = null;
     if (!zflag) {
       if (sflag) {
         buf = await patternFromFile(s, file, count);
         if (!buf) return -22;
       } else {
-        buf = new Uint8Array(count).fill(pattern);
+        buf = new Uint8Array(count).fill(f.pattern);
       }
     }
     const t0 = performance.now();
@@ -493,8 +511,8 @@ const writeCmd: Command = {
       return neg(toBlockError(e).code);
     }
     const sec = since(t0);
-    if (qflag) return 0;
-    report(s, 'wrote', sec, offset, count, count, 1, Cflag);
+    if (f.q) return 0;
+    report(s, 'wrote', sec, offset, count, count, 1, f.C);
     return 0;
   },
 };
@@ -520,35 +538,28 @@ const writevCmd: Command = {
   async run(s, argv) {
     const p = opts(s, argv, 'CfqP:');
     if (!p) return usage(s, writevCmd);
-    let cflag = false, qflag = false, flags = 0, pattern = 0xcd;
+    const f = ioFlags(0xcd);
+    let flags = 0;
     for (const o of p.list) {
-      if (o.opt === 'C') cflag = true;
-      else if (o.opt === 'f') flags |= REQ.FUA;
-      else if (o.opt === 'q') qflag = true;
-      else if (o.opt === 'P') {
-        const v = parsePattern(s, o.arg!);
-        if (v === null) return -22;
-        pattern = v;
-      }
+      const shared = sharedFlag(s, o, f);
+      if (shared === null) return -22;
+      if (!shared && o.opt === 'f') flags |= REQ.FUA;
     }
     const rest = p.g.rest();
     if (rest.length < 2) return usage(s, writevCmd);
-    const offset = num(s, rest[0]!);
-    if (offset === null) return -22;
-    const lens = iovLengths(s, rest.slice(1));
-    if (!lens) return -22;
-    const size = lens.reduce((a, b) => a + b, 0);
-    const buf = new Uint8Array(size).fill(pattern);
+    const v = vectoredArgs(s, rest);
+    if (typeof v === 'string') return -22;
+    const buf = new Uint8Array(v.size).fill(f.pattern);
     const t0 = performance.now();
     try {
-      await s.blk!.pwrite(offset, buf, { flags });
+      await s.blk!.pwrite(v.offset, buf, { flags });
     } catch (e) {
       s.out(`writev failed: ${strerr(e)}\n`);
       return neg(toBlockError(e).code);
     }
     const sec = since(t0);
-    if (qflag) return 0;
-    report(s, 'wrote', sec, offset, size, size, 1, cflag);
+    if (f.q) return 0;
+    report(s, 'wrote', sec, v.offset, v.size, v.size, 1, f.C);
     return 0;
   },
 };
@@ -582,17 +593,11 @@ ${AIO_NOTE} -C, -- report statistics in a machine parsable format
   async run(s, argv) {
     const p = opts(s, argv, 'CP:iqv');
     if (!p) return usage(s, aioReadCmd);
-    let cflag = false, qflag = false, vflag = false, pflag = false, pattern = 0;
+    const f = ioFlags(0);
     for (const o of p.list) {
-      if (o.opt === 'C') cflag = true;
-      else if (o.opt === 'q') qflag = true;
-      else if (o.opt === 'v') vflag = true;
-      else if (o.opt === 'P') {
-        pflag = true;
-        const v = parsePattern(s, o.arg!);
-        if (v === null) return -22;
-        pattern = v;
-      } else if (o.opt === 'i') {
+      const shared = sharedFlag(s, o, f);
+      if (shared === null) return -22;
+      if (!shared && o.opt === 'i') {
         s.out('injecting invalid read request\n');
         s.blk!.stats.acctInvalid('read');
         return 0;
@@ -600,25 +605,13 @@ ${AIO_NOTE} -C, -- report statistics in a machine parsable format
     }
     const rest = p.g.rest();
     if (rest.length < 2) return usage(s, aioReadCmd);
-    const offset = num(s, rest[0]!);
-    if (offset === null) return -22;
-    const lens = iovLengths(s, rest.slice(1));
-    if (!lens) {
-      s.blk!.stats.acctInvalid('read');
-      return -22;
-    }
-    const size = lens.reduce((a, b) => a + b, 0);
-    const buf = new Uint8Array(size).fill(0xab);
+    const v = vectoredArgs(s, rest);
+    if (v === 'lens') s.blk!.stats.acctInvalid('read');
+    if (typeof v === 'string') return -22;
+    const buf = new Uint8Array(v.size).fill(0xab);
     const t0 = performance.now();
-    const blk = s.blk!;
-    await s.track(blk.pread(offset, buf).then(
-      () => {
-        const sec = since(t0);
-        if (pflag && buf.some((b) => b !== pattern)) s.out(`Pattern verification failed at offset ${offset}, ${size} bytes\n`);
-        if (qflag) return;
-        if (vflag) s.out(hexDump(buf, offset));
-        report(s, 'read', sec, offset, size, size, 1, cflag);
-      },
+    await s.track(s.blk!.pread(v.offset, buf).then(
+      () => void readDone(s, f, buf, v.offset, since(t0)),
       (e: unknown) => s.out(`readv failed: ${strerr(e)}\n`),
     ));
     return 0;
@@ -652,19 +645,15 @@ ${AIO_NOTE} -P, -- use different pattern to fill file
   async run(s, argv) {
     const p = opts(s, argv, 'CfiqP:uz');
     if (!p) return usage(s, aioWriteCmd);
-    let cflag = false, qflag = false, zflag = false, flags = 0, pattern = 0xcd;
+    const f = ioFlags(0xcd);
+    let zflag = false, flags = 0;
     for (const o of p.list) {
+      const shared = sharedFlag(s, o, f);
+      if (shared === null) return -22;
+      if (shared) continue;
       switch (o.opt) {
-        case 'C': cflag = true; break;
         case 'f': flags |= REQ.FUA; break;
-        case 'q': qflag = true; break;
         case 'u': flags |= REQ.MAY_UNMAP; break;
-        case 'P': {
-          const v = parsePattern(s, o.arg!);
-          if (v === null) return -22;
-          pattern = v;
-          break;
-        }
         case 'i':
           s.out('injecting invalid write request\n');
           s.blk!.stats.acctInvalid('write');
@@ -682,8 +671,8 @@ ${AIO_NOTE} -P, -- use different pattern to fill file
     const blk = s.blk!;
     const t0 = performance.now();
     const done = (size: number) => () => {
-      if (qflag) return;
-      report(s, 'wrote', since(t0), offset, size, size, 1, cflag);
+      if (f.q) return;
+      report(s, 'wrote', since(t0), offset, size, size, 1, f.C);
     };
     const failed = (e: unknown): void => s.out(`aio_write failed: ${strerr(e)}\n`);
     if (zflag) {
@@ -698,7 +687,7 @@ ${AIO_NOTE} -P, -- use different pattern to fill file
       return -22;
     }
     const size = lens.reduce((a, b) => a + b, 0);
-    await s.track(blk.pwrite(offset, new Uint8Array(size).fill(pattern), { flags }).then(done(size), failed));
+    await s.track(blk.pwrite(offset, new Uint8Array(size).fill(f.pattern), { flags }).then(done(size), failed));
     return 0;
   },
 };
@@ -975,6 +964,20 @@ const reopenCmd: Command = {
       }
     }
     if (p.g.rest().length !== 0) return usage(s, reopenCmd);
+    if (options['read-only'] !== undefined) {
+      if (readOnly !== undefined) {
+        s.report("Cannot set both -r/-w and 'read-only'");
+        return -22;
+      }
+      readOnly = options['read-only'] === true;
+      delete options['read-only'];
+      // Unlike -r, the option does not make qemu-io give up its write permission first.
+      const blk = s.blk!;
+      if (readOnly && !blk.bs!.readOnly && blk.getPerm().perm & PERM.WRITE) {
+        s.report(`Read-only block node '${blk.bs!.nodeName}' cannot support read-write users`);
+        return -22;
+      }
+    }
     try {
       const req: { readOnly?: boolean; options: Record<string, unknown>; cache?: string } = { options };
       if (readOnly !== undefined) req.readOnly = readOnly;
@@ -1058,6 +1061,9 @@ function signalName(n: number): string | undefined {
 /** Signals whose default action does not end the process. */
 const NONFATAL = new Set(['SIGCHLD', 'SIGCONT', 'SIGURG', 'SIGWINCH']);
 
+/** Signals QEMU's tools ignore, block or handle (SIGPIPE ignored; SIGBUS, SIGUSR1, SIGALRM and SIGIO taken by its main loop), so raising them changes nothing. */
+const HANDLED = new Set(['SIGBUS', 'SIGUSR1', 'SIGPIPE', 'SIGALRM', 'SIGIO', 'SIGPOLL']);
+
 const sigraiseCmd: Command = {
   name: 'sigraise', argmin: 1, argmax: 1, flags: NOFILE_OK, perm: 0, args: 'signal',
   oneline: 'raises a signal',
@@ -1079,7 +1085,7 @@ const sigraiseCmd: Command = {
       return -22;
     }
     const name = signalName(Number(r.value));
-    if (!name) return 0;
+    if (!name || HANDLED.has(name)) return 0;
     s.io.raise?.(name);
     if (!NONFATAL.has(name)) throw new Terminated(name);
     return 0;

@@ -41,7 +41,79 @@ function io(cmd: string): DiffCase {
   return { setup: RAW, cmd, files: ['a.raw'] };
 }
 
+/** QEMU numbers automatic node names by an internal object counter that says nothing about the image. */
+const NODE_NAMES = { re: /#block\d+/g, why: "QEMU's automatic node-name counter" };
+
+/** qemu-io commands on the raw image. */
+function on(cmds: string[]): DiffCase {
+  return io(`-f raw ${cmds.map((c) => `-c '${c}'`).join(' ')} $D/a.raw`);
+}
+
 export const IO_MISC_CASES: DiffCase[] = [
+  // --- thinly covered commands: sleep, abort, sigraise, close, flush, reopen, breakpoints
+  on(['sleep 1', 'length']),
+  on(['sleep 0', 'sleep 1k', 'length']),
+  on(['sleep 1 2']),
+  on(['sleep -5']),
+  on(['sleep 0x10']),
+  on(['sleep 1.5']),
+  on(['sleep 99999999999999999999']),
+  on(['sleep', 'length']),
+  on(['sleep abc', 'length']),
+  on(['sleep 1e3']),
+  on(['write -q 0 512', 'abort']),
+  on(['abort 1']),
+  on(['abort x', 'length']),
+  io('-c "abort" -c "length"'),
+  on(['sigraise']),
+  on(['sigraise 1 2']),
+  on(['sigraise 0', 'length']),
+  on(['sigraise -1', 'length']),
+  on(['sigraise 1k', 'length']),
+  // signals QEMU's main loop takes (or ignores) do not end it
+  on(['sigraise 10', 'length']),
+  on(['sigraise 7', 'length']),
+  on(['sigraise 13', 'length']),
+  on(['sigraise 14', 'length']),
+  on(['sigraise 29', 'length']),
+  on(['sigraise 2']),
+  on(['sigraise 99999999999999999999', 'length']),
+  on(['close', 'length', 'read 0 1', 'close']),
+  on(['close x']),
+  on(['close', 'open -o driver=raw $D/a.raw', 'length']),
+  on(['close', 'flush']),
+  on(['close', 'info']),
+  on(['close', 'map']),
+  on(['close', 'reopen -r']),
+  on(['close', 'write 0 1']),
+  on(['flush x']),
+  on(['flush', 'flush', 'length']),
+  on(['write -q 0 4k', 'flush', 'read -P 0xcd 0 4k']),
+  on(['f']),
+  on(['aio_write -q 0 4k', 'flush', 'aio_flush']),
+  on(['reopen']),
+  on(['reopen -r', 'writev 0 512', 'reopen -w', 'writev -q 0 512']),
+  on(['reopen -r', 'discard 0 4k', 'truncate 2M', 'length']),
+  on(['reopen -c none', 'read -q 0 512']),
+  on(['reopen -c directsync', 'write -q 0 512']),
+  on(['reopen -c unsafe', 'write -q 0 512', 'flush']),
+  { ...on(['reopen -o read-only=on', 'write 0 1']), mask: [NODE_NAMES] },
+  { ...io("-f raw -r -c 'reopen -o read-only=off' -c 'write -q 0 1' -c 'reopen -o read-only=on' $D/a.raw"), mask: [NODE_NAMES] },
+  on(['reopen -o read-only=off', 'write -q 0 1']),
+  on(['reopen -o read-only=x']),
+  on(['reopen -r -o read-only=off']),
+  on(['reopen -w -o read-only=on']),
+  on(['reopen -a']),
+  on(['reopen -o']),
+  on(['reopen -c']),
+  on(['wait_break']),
+  on(['wait_break x y']),
+  on(['remove_break']),
+  on(['remove_break a b']),
+  on(['resume a b']),
+  on(['break']),
+  on(['break write_aio']),
+
   // --- --object help and errors
   io('--object help -c quit'),
   io('--object ? -c quit'),
