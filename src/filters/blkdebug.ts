@@ -655,7 +655,8 @@ function parseBlkdebugFilename(filename: string, options: Record<string, unknown
     if (c > 0) options.config = rest.slice(0, c);
     rest = rest.slice(c + 1);
   }
-  options.image = rest;
+  // A file name (QEMU's x-image), not a node reference as a string "image" option would be.
+  options.image = { filename: rest };
 }
 
 function checkConstraint(name: string, value: number, multipleOf: number): void {

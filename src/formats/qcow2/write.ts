@@ -553,7 +553,14 @@ export async function clusterDiscard(s: Qcow2State, offset: number, bytes: numbe
     const l1i = Math.floor(gci / s.l2Entries);
     const tableEnd = (l1i + 1) * s.l2Entries * cs;
     // Like QEMU's discard_in_l2_slice (through get_cluster_table), a missing L2 table is allocated even
-    // where the range already reads as the discard wants: image layouts stay the same as QEMU's.
+    // where the range already reads as the discard wants: image layouts stay the same as QEMU's. A full
+    // discard (shrink, make_empty) skips tables it covers entirely: a shrink drops those right after, and
+    // allocating thousands of empty tables for make_empty would only cost time.
+    const [l1hi, l1lo] = l1Words(s, l1i);
+    if (full && entryOffset(l1hi, l1lo) === 0 && l1i * s.l2Entries * cs >= offset && tableEnd <= end) {
+      cur = tableEnd;
+      continue;
+    }
     const ref = await writableSlice(s, gci);
     try {
       const l2Offset = entryOffset(...l1Words(s, l1i));
