@@ -266,22 +266,32 @@ async function growRefcountTable(s: Qcow2State, at: number): Promise<number> {
   const tableOffset = (at + nb) * cs;
   await bdrvPwritev(file, tableOffset, table.length, table);
   await bdrvFlush(file.bs);
-  await ev(s, 'refblock_alloc_switch_table');
-  const hdr = new Uint8Array(12);
-  const hdv = new DataView(hdr.buffer);
-  hdv.setBigUint64(0, BigInt(tableOffset));
-  hdv.setUint32(8, k);
-  await bdrvPwritev(file, HDR.refcountTableOffset, 12, hdr);
-  await bdrvFlush(file.bs);
-  const oldOffset = s.refcount.tableOffset;
-  const oldBytes = s.refcount.table.length;
-  s.refcount.table = table;
-  s.refcount.tableOffset = tableOffset;
-  s.header.refcountTableOffset = tableOffset;
-  s.header.refcountTableClusters = k;
+  const { oldOffset, oldBytes } = await switchReftable(s, table, tableOffset, k);
   for (let j = 0; j < nb; j++) await s.refcountCache.put((at + j) * cs, blocks[j]!, false);
   if (oldBytes > 0) queueFree(s, oldOffset, oldBytes, 'other');
   return at + nb + k;
+}
+
+/**
+ * Points the header at a new refcount table already written and durable
+ * (one durable header write), then switches to it in memory; returns where
+ * the old table was, for the caller to free.
+ */
+async function switchReftable(s: Qcow2State, table: Uint8Array, offset: number, clusters: number): Promise<{ oldOffset: number; oldBytes: number }> {
+  const file = s.bs.file!;
+  await ev(s, 'refblock_alloc_switch_table');
+  const hdr = new Uint8Array(12);
+  const hdv = new DataView(hdr.buffer);
+  hdv.setBigUint64(0, BigInt(offset));
+  hdv.setUint32(8, clusters);
+  await bdrvPwritev(file, HDR.refcountTableOffset, 12, hdr);
+  await bdrvFlush(file.bs);
+  const old = { oldOffset: s.refcount.tableOffset, oldBytes: s.refcount.table.length };
+  s.refcount.table = table;
+  s.refcount.tableOffset = offset;
+  s.header.refcountTableOffset = offset;
+  s.header.refcountTableClusters = clusters;
+  return old;
 }
 
 /**
@@ -767,19 +777,7 @@ export async function refcountArea(s: Qcow2State, start: number, additional: num
   await overlapCheck(s, 0, tableAt * cs, table.length);
   await bdrvPwritev(file, tableAt * cs, table.length, table);
   await bdrvFlush(file.bs);
-  await ev(s, 'refblock_alloc_switch_table');
-  const hdr = new Uint8Array(12);
-  const hdv = new DataView(hdr.buffer);
-  hdv.setBigUint64(0, BigInt(tableAt * cs));
-  hdv.setUint32(8, tableClusters);
-  await bdrvPwritev(file, HDR.refcountTableOffset, 12, hdr);
-  await bdrvFlush(file.bs);
-  const oldOffset = s.refcount.tableOffset;
-  const oldBytes = s.refcount.table.length;
-  s.refcount.table = table;
-  s.refcount.tableOffset = tableAt * cs;
-  s.header.refcountTableOffset = tableAt * cs;
-  s.header.refcountTableClusters = tableClusters;
+  const { oldOffset, oldBytes } = await switchReftable(s, table, tableAt * cs, tableClusters);
   for (const [off, block] of fresh) await s.refcountCache.put(off, block, false);
   if (oldBytes > 0) {
     // QEMU frees the old table at once (qcow2_free_clusters), so its clusters are free for the next allocation.
