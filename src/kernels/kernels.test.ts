@@ -192,4 +192,33 @@ describe('kernels over an ordinary (non-shared) memory', () => {
     expect(k.refcount.findZero(block, 0, 2048, 4)).toBe(ref.refcount.findZero(block, 0, 2048, 4));
     k.bitmap.dispose(bm);
   });
+
+  it('scan views into memory in place before growth, and detached views as empty after it', async () => {
+    const { instantiateKernels } = await import('./index.ts');
+    const k = await instantiateKernels(false);
+    const host = k.host!;
+    const before = host.view(host.alloc(65536), 65536);
+    before.fill(0);
+    expect(k.isZero(before)).toBe(true); // remembers this buffer as in memory
+    before[40000] = 9;
+    expect(k.firstNonZero(before)).toBe(40000);
+    expect(k.firstZeroBlock(before, 4096)).toBe(0);
+    host.alloc(8 << 20); // grows: `before` detaches
+    expect(before.length).toBe(0);
+    expect(k.isZero(before)).toBe(true);
+    expect(k.firstNonZero(before)).toBe(-1);
+    expect(k.firstZeroBlock(before, 4096)).toBe(-1);
+    const after = host.view(host.alloc(65536), 65536);
+    after.fill(0);
+    after[65535] = 1;
+    expect(host.contains(after)).toBe(true);
+    expect(k.isZero(after)).toBe(false);
+    expect(k.firstNonZero(after)).toBe(65535);
+    expect(k.firstZeroBlock(after, 4096)).toBe(0);
+    // A JS-heap buffer is still copied in, never taken for a pointer into memory.
+    const js = new Uint8Array(65536);
+    js[3] = 1;
+    expect(k.firstNonZero(js)).toBe(3);
+    expect(k.isZero(js.subarray(4))).toBe(true);
+  });
 });

@@ -39,6 +39,21 @@ function packGeometry(g: L2Geometry): number {
 /** Zero detection over wasm. */
 export function wasmZeroOps(host: WasmHost): ZeroOps {
   const ex = host.exports;
+  // The buffer of the last view found in linear memory. Callers scan views of
+  // one buffer over and over (the cache pool's, a bitmap's), so one identity
+  // test usually answers contains() without the call. When memory is not
+  // shared a buffer once in it stays "in it" after growth detaches it, which
+  // is harmless: a detached view has length 0 and byteOffset 0, and the
+  // kernels read nothing for a length of 0.
+  let lastIn: ArrayBufferLike | null = null;
+  /** True when `buf` is a view into linear memory (host.contains, with the identity fast path). */
+  const inMemory = (buf: ArrayBufferView): boolean => {
+    const b = buf.buffer;
+    if (b === lastIn) return true;
+    if (!host.contains(buf)) return false;
+    lastIn = b;
+    return true;
+  };
 
   /**
    * Presents `buf` to `visit` as (pointer, length, offset in buf) pieces in
@@ -47,7 +62,7 @@ export function wasmZeroOps(host: WasmHost): ZeroOps {
    * through the scratch block one COPY_CHUNK at a time.
    */
   const eachPiece = (buf: Uint8Array, visit: (ptr: number, len: number, off: number) => boolean): boolean => {
-    const inPlace = host.contains(buf);
+    const inPlace = inMemory(buf);
     const step = inPlace ? IN_PLACE_CHUNK : COPY_CHUNK;
     let off = 0;
     do {
@@ -69,13 +84,13 @@ export function wasmZeroOps(host: WasmHost): ZeroOps {
   return {
     isZero(buf) {
       // In place and small enough for one call: no closures, no subarray.
-      if (buf.length <= IN_PLACE_CHUNK && host.contains(buf)) return ex.isZero(buf.byteOffset, buf.length) !== 0;
+      if (buf.length <= IN_PLACE_CHUNK && inMemory(buf)) return ex.isZero(buf.byteOffset, buf.length) !== 0;
       if (buf.length < SMALL_COPY) return isZeroRef(buf);
       if (headHasData(buf)) return false;
       return !eachPiece(buf, (ptr, len) => ex.isZero(ptr, len) === 0);
     },
     firstNonZero(buf) {
-      if (buf.length <= IN_PLACE_CHUNK && host.contains(buf)) return ex.firstNonZero(buf.byteOffset, buf.length);
+      if (buf.length <= IN_PLACE_CHUNK && inMemory(buf)) return ex.firstNonZero(buf.byteOffset, buf.length);
       if (buf.length < SMALL_COPY) return firstNonZeroRef(buf);
       let found = -1;
       eachPiece(buf, (ptr, len, off) => {
@@ -91,8 +106,8 @@ export function wasmZeroOps(host: WasmHost): ZeroOps {
       if (n < SMALL_COPY) return firstDifferenceRef(a, b);
       for (let off = 0; off < n; off += COPY_CHUNK) {
         const len = Math.min(COPY_CHUNK, n - off);
-        const pa = host.contains(a) ? a.byteOffset + off : host.copyIn('cmp-a', a.subarray(off, off + len));
-        const pb = host.contains(b) ? b.byteOffset + off : host.copyIn('cmp-b', b.subarray(off, off + len));
+        const pa = inMemory(a) ? a.byteOffset + off : host.copyIn('cmp-a', a.subarray(off, off + len));
+        const pb = inMemory(b) ? b.byteOffset + off : host.copyIn('cmp-b', b.subarray(off, off + len));
         const r = ex.firstDifference(pa, pb, len);
         if (r >= 0) return off + r;
       }
@@ -105,8 +120,8 @@ export function wasmZeroOps(host: WasmHost): ZeroOps {
       const step = unit >= COPY_CHUNK ? unit : Math.floor(COPY_CHUNK / unit) * unit;
       for (let off = 0; off < n; off += step) {
         const len = Math.min(step, n - off);
-        const pa = host.contains(a) ? a.byteOffset + off : host.copyIn('cmp-a', a.subarray(off, off + len));
-        const pb = host.contains(b) ? b.byteOffset + off : host.copyIn('cmp-b', b.subarray(off, off + len));
+        const pa = inMemory(a) ? a.byteOffset + off : host.copyIn('cmp-a', a.subarray(off, off + len));
+        const pb = inMemory(b) ? b.byteOffset + off : host.copyIn('cmp-b', b.subarray(off, off + len));
         const r = ex.firstEqualBlock(pa, pb, len, unit);
         if (r >= 0) return off + r;
       }
@@ -114,7 +129,7 @@ export function wasmZeroOps(host: WasmHost): ZeroOps {
     },
     firstZeroBlock(buf, unit) {
       if (!(unit > 0)) return -1;
-      if (host.contains(buf)) return ex.firstZeroBlock(buf.byteOffset, buf.length, unit);
+      if (inMemory(buf)) return ex.firstZeroBlock(buf.byteOffset, buf.length, unit);
       // Copy whole units per piece so block boundaries stay at multiples of unit.
       const step = unit >= COPY_CHUNK ? unit : Math.floor(COPY_CHUNK / unit) * unit;
       for (let off = 0; off < buf.length; off += step) {
