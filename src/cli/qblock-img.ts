@@ -1574,6 +1574,8 @@ const COMMANDS: Record<string, (img: Img, argv: readonly string[]) => Promise<nu
  */
 export async function qblockImg(argv: readonly string[], io: CliIO): Promise<number> {
   const img = new Img(io, io.makeGraph ? io.makeGraph() : defaultGraph());
+  // Errors from closing nodes (QEMU's error_report during bdrv_close) reach the user, not the void.
+  img.graph.onError = (m) => img.report(m);
   try {
     if (argv.length < 1) img.errorExit('Not enough arguments');
     const g = new Getopt([PROG, ...argv], '+:hVT:', [{ name: 'help', hasArg: 0, val: 'h' }, { name: 'version', hasArg: 0, val: 'V' }, { name: 'trace', hasArg: 1, val: 'T' }]);

@@ -1449,6 +1449,8 @@ export async function qblockIo(argv: readonly string[], io: CliIO): Promise<numb
   if (format !== undefined && imageOpts) return fail('--image-opts and -f are mutually exclusive');
 
   const s = new Session(io, io.makeGraph ? io.makeGraph() : defaultGraph());
+  // Errors from closing nodes (QEMU's error_report during bdrv_close) reach the user, not the void.
+  s.graph.onError = (m) => io.stderr(`${PROG}: ${m}\n`);
   s.imageOpts = imageOpts;
   let lastError = 0;
   try {

@@ -8,7 +8,7 @@ import { bdrvReleaseNamedDirtyBitmaps } from './dirty-bitmap.ts';
 import { BdrvChild, nodeParent, PermUpdate, childPermsFor, type ChildParent } from './child.ts';
 import type { BlockDriver, ReopenState } from './driver.ts';
 import { BlockError, isBlockError, toBlockError } from './errors.ts';
-import { bdrvDrainedBegin, bdrvDrainedEnd, bdrvGetLength, bdrvPreadv, refreshTotalBytes } from './io.ts';
+import { bdrvDrainedBegin, bdrvDrainedEnd, bdrvFlush, bdrvGetLength, bdrvPreadv, refreshTotalBytes } from './io.ts';
 import { BlockNode } from './node.ts';
 import { OPEN, PERM, ROLE, type BlockdevOptions, type DetectZeroes } from './types.ts';
 import { loadKernels } from '../kernels/index.ts';
@@ -99,6 +99,13 @@ export class Graph {
   defaultProtocol: string;
   /** Warnings QEMU prints (e.g. when probing guessed raw). */
   onWarning: (msg: string) => void = () => undefined;
+  /**
+   * Where a node reports errors that happen while it closes (QEMU's
+   * error_report during bdrv_close): a CLI prints them as "<program>:
+   * <message>" and the close goes on like QEMU's. Without a listener the
+   * close rejects with them instead, so they never vanish.
+   */
+  onError: ((msg: string) => void) | undefined;
   private autoNameCounter = 0;
 
   constructor(opts: { drivers?: BlockDriver[]; gate?: ImplicitOpenGate; defaultProtocol?: string } = {}) {
@@ -372,6 +379,9 @@ export class Graph {
   private async closeNode(bs: BlockNode): Promise<void> {
     if (bs.closing) return;
     await bdrvDrainedBegin(bs).catch(() => undefined);
+    // QEMU's bdrv_close flushes before the driver closes, and ignores the result: what the driver
+    // then writes (bitmaps, the clean bit) follows a durable image, and its own errors are its to report.
+    if (!bs.readOnly) await bdrvFlush(bs).catch(() => undefined);
     let first: unknown;
     try {
       await bs.drv.close?.(bs);

@@ -7,7 +7,7 @@
  */
 import type { BdrvChild } from '../../core/child.ts';
 import { CHECK_FIX, type BlockDriver, type BlockDriverInfo, type CheckResult, type ImageInfoSpecific, type MeasureInfo, type ReopenState, type SnapshotInfo } from '../../core/driver.ts';
-import { BlockError, toBlockError } from '../../core/errors.ts';
+import { BlockError, STRERROR, toBlockError } from '../../core/errors.ts';
 import type { ImplicitOpenRequest } from '../../core/graph.ts';
 import { bdrvBlockStatusAbove, bdrvDebugEvent, bdrvGetLength, bdrvPread, bdrvPreadv, refreshTotalBytes } from '../../core/io.ts';
 import type { BlockNode } from '../../core/node.ts';
@@ -638,16 +638,36 @@ export const qcow2Driver: BlockDriver = {
     try {
       if (!bs.readOnly && !s.broken && bs.file) {
         // A clean close leaves nothing pending and, with lazy refcounts, the dirty bit cleared (QEMU's qcow2_inactivate).
+        // QEMU's qcow2_inactivate: every step is tried, each failure reported in QEMU's words, and the
+        // image is marked clean only if all of them worked.
+        const failures: Array<{ msg: string; err: BlockError }> = [];
         await s.lock.run(async () => {
           try {
             await qcow2StorePersistentDirtyBitmaps(bs, s, true);
           } catch (e) {
-            bs.graph.onWarning(`Lost persistent bitmaps during inactivation of node '${bs.displayName}': ${toBlockError(e).message}`);
+            const err = toBlockError(e);
+            failures.push({ msg: `Lost persistent bitmaps during inactivation of node '${bs.displayName}': ${err.message}`, err });
           }
-          await writeback(s);
-          await barrier(s);
-          if (s.dirtyMarked) await markClean(s);
+          try {
+            await writeback(s);
+          } catch (e) {
+            const err = toBlockError(e);
+            failures.push({ msg: `Failed to flush the L2 table cache: ${STRERROR[err.code]}`, err });
+          }
+          try {
+            await flushRefblocks(s);
+            await barrier(s);
+          } catch (e) {
+            const err = toBlockError(e);
+            failures.push({ msg: `Failed to flush the refcount block cache: ${STRERROR[err.code]}`, err });
+          }
+          if (failures.length === 0 && s.dirtyMarked) await markClean(s);
         });
+        const report = bs.graph.onError;
+        if (report) for (const f of failures) report(f.msg);
+        else if (failures.length > 0) {
+          throw new BlockError(failures[0]!.err.code, failures.map((f) => f.msg).join('; '), { node: bs.nodeName, cause: failures[0]!.err });
+        }
       }
     } finally {
       bs.opaque = undefined;

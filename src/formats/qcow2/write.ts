@@ -327,7 +327,9 @@ async function allocatingStep(bs: BlockNode, s: Qcow2State, offset: number, byte
     if (first.reuse >= 0) {
       host = first.reuse;
     } else {
-      const got = await allocClusters(s, plans.length, false);
+      // One contiguous run for the whole step, skipping shorter holes (QEMU's qcow2_alloc_clusters in
+      // do_alloc_cluster_offset): a hole a free left behind is not split across the write.
+      const got = await allocClusters(s, plans.length, true);
       host = got.offset;
       run = plans.slice(0, got.count);
     }
@@ -436,6 +438,8 @@ export async function qcow2Pwritev(bs: BlockNode, offset: number, bytes: number,
       continue;
     }
     done += await s.lock.run(() => allocatingStep(bs, s, cur, bytes - done, buf.subarray(done)));
+    // Clusters the step stopped using (COW away from a compressed or shared one) are free for the next step.
+    await releaseFreed(s);
   }
 }
 
@@ -528,6 +532,7 @@ export async function qcow2PwriteZeroes(bs: BlockNode, offset: number, bytes: nu
   if (s.header.version < 3) {
     // Without a backing file an unallocated cluster reads as zero, so v2 zeroes by discarding (QEMU does the same).
     await s.lock.run(() => clusterDiscard(s, offset, bytes, 'request', false));
+    await releaseFreed(s);
     return;
   }
   const unmap = (flags & REQ.MAY_UNMAP) !== 0;
@@ -536,6 +541,18 @@ export async function qcow2PwriteZeroes(bs: BlockNode, offset: number, bytes: nu
     const cur = offset + done;
     done += await s.lock.run(() => zeroStep(s, cur, bytes - done, unmap));
   }
+  await releaseFreed(s);
+}
+
+/**
+ * Makes the clusters a zero or discard request dropped free for the next
+ * allocation. QEMU lowers their refcount in memory at once (writing the
+ * refcount block only after the L2 tables), so the very next write reuses
+ * them; our frees wait for a writeback instead, so one runs here (it keeps
+ * the crash-safe order) and the image layout follows QEMU's.
+ */
+async function releaseFreed(s: Qcow2State): Promise<void> {
+  if (s.pendingFrees.length > 0) await s.lock.run(() => writeback(s));
 }
 
 /**
@@ -600,6 +617,7 @@ export async function qcow2Pdiscard(bs: BlockNode, offset: number, bytes: number
     throw new BlockError('ENOTSUP', undefined, { node: bs.nodeName });
   }
   await s.lock.run(() => clusterDiscard(s, offset, bytes, 'request', false));
+  await releaseFreed(s);
 }
 
 // ---------------------------------------------------------------------------
