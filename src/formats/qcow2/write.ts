@@ -328,8 +328,10 @@ async function allocatingStep(bs: BlockNode, s: Qcow2State, offset: number, byte
       host = first.reuse;
     } else {
       // One contiguous run for the whole step, skipping shorter holes (QEMU's qcow2_alloc_clusters in
-      // do_alloc_cluster_offset): a hole a free left behind is not split across the write.
-      const got = await allocClusters(s, plans.length, true);
+      // do_alloc_cluster_offset): a hole a free left behind is not split across the write. A run longer
+      // than one refcount block counts could never fit between the blocks our search creates in its
+      // way, so such a step takes what it finds instead.
+      const got = await allocClusters(s, plans.length, plans.length < s.refcount.blockEntries);
       host = got.offset;
       run = plans.slice(0, got.count);
     }
