@@ -15,22 +15,11 @@ import { runBitmapActions } from '../../core/img/bitmap.ts';
 import { deletePowercutStore, newPowercutStore, powercutDriver, type CrashModel } from '../../core/testing/powercut.ts';
 import { OPEN, PERM } from '../../core/types.ts';
 import { newGraph, QEMU_IMG, qemuImg, qemuIo, requireQemu, scratchDir } from './testing.ts';
+import { prng } from './fuzz.ts';
 
 const tmp = scratchDir();
 beforeAll(() => requireQemu());
 afterAll(() => tmp.cleanup());
-
-/** A deterministic PRNG (mulberry32) so failures replay. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 describe('power cuts during bitmap updates', () => {
   it('leave images QEMU opens, with leaks at most', async () => {

@@ -21,22 +21,12 @@ import { deletePowercutStore, newPowercutStore, powercutDriver, type CrashModel,
 import { amendImage } from '../../core/img/amend.ts';
 import { INCOMPAT, parseHeader } from './header.ts';
 import { newGraph, openQcow2, qemuImg, qemuIo, QEMU_IMG, requireQemu, scratchDir } from './testing.ts';
+import { prng } from './fuzz.ts';
 
 const tmp = scratchDir();
 beforeAll(() => requireQemu());
 afterAll(() => tmp.cleanup());
 let n = 0;
-
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** `qemu-img check` exit status (0 clean, 3 leaks only, 2 corruption, 1 error) and output. */
 function check(file: string): { rc: number; out: string } {

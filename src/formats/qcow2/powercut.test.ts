@@ -16,6 +16,7 @@ import { OPEN, PERM } from '../../core/types.ts';
 import { newPowercutStore, deletePowercutStore, powercutDriver, type CrashModel } from '../../core/testing/powercut.ts';
 import { newGraph, openQcow2, qemuImg, QEMU_IMG, QEMU_IO, requireQemu, run, scratchDir } from './testing.ts';
 import { applyToModel, opsArb, runOp, type Op } from './workload.ts';
+import { prng } from './fuzz.ts';
 
 const tmp = scratchDir();
 beforeAll(() => requireQemu());
@@ -30,18 +31,6 @@ interface Cut {
   /** Ranges written (or being written) since that flush, as [offset, length]: they may read either way. */
   touched: Array<[number, number]>;
   workload: string;
-}
-
-/** A deterministic PRNG (mulberry32) so failures replay. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 interface Variant {

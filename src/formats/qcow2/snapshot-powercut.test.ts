@@ -25,6 +25,7 @@ import { OPEN, PERM } from '../../core/types.ts';
 import { deletePowercutStore, newPowercutStore, powercutDriver, type CrashModel } from '../../core/testing/powercut.ts';
 import { newGraph, qemuImg, QEMU_IMG, requireQemu, scratchDir } from './testing.ts';
 import { applyToModel, opsArb, runOp } from './workload.ts';
+import { prng } from './fuzz.ts';
 
 const tmp = scratchDir();
 beforeAll(() => requireQemu());
@@ -38,17 +39,6 @@ interface Cut {
   /** Snapshots that may be listed, with their contents. */
   snaps: Map<string, Uint8Array>;
   workload: string;
-}
-
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 interface Variant {
