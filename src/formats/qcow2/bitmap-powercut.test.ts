@@ -7,14 +7,13 @@
  * lost or torn; QEMU must open each one (a bitmap directory it refuses would
  * make the image unusable) and find no corruption, only leaks.
  */
-import { execFile } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { bdrvFlush, bdrvPwritev } from '../../core/io.ts';
 import { runBitmapActions } from '../../core/img/bitmap.ts';
 import { deletePowercutStore, newPowercutStore, powercutDriver, type CrashModel } from '../../core/testing/powercut.ts';
 import { OPEN, PERM } from '../../core/types.ts';
-import { newGraph, QEMU_IMG, qemuImg, qemuIo, requireQemu, scratchDir } from './testing.ts';
+import { forEachImageInShell, newGraph, QEMU_IMG, qemuImg, qemuIo, requireQemu, scratchDir } from './testing.ts';
 import { prng } from './fuzz.ts';
 
 const tmp = scratchDir();
@@ -58,9 +57,7 @@ describe('power cuts during bitmap updates', () => {
     }
     files.push('pcb.final.qcow2');
     expect(files.length).toBeGreaterThan(20);
-    writeFileSync(tmp.path('cuts.list'), files.join('\n') + '\n');
-    const script = `xargs -P 4 -I{} sh -c '${QEMU_IMG} check -f qcow2 "{}" > "{}.check" 2>&1; echo $? > "{}.rc"; ${QEMU_IMG} info -f qcow2 "{}" > "{}.info" 2>&1; echo $? > "{}.irc"' < cuts.list`;
-    await new Promise<void>((resolve, reject) => execFile('sh', ['-c', script], { cwd: tmp.dir, maxBuffer: 1 << 24 }, (err) => (err ? reject(err) : resolve())));
+    await forEachImageInShell(tmp.dir, files, `${QEMU_IMG} check -f qcow2 "{}" > "{}.check" 2>&1; echo $? > "{}.rc"; ${QEMU_IMG} info -f qcow2 "{}" > "{}.info" 2>&1; echo $? > "{}.irc"`);
     const failures: string[] = [];
     for (const f of files) {
       const rc = Number(readFileSync(tmp.path(`${f}.rc`), 'utf8').trim());

@@ -7,14 +7,13 @@
  * and require that `qemu-img check` finds no corruption (leaks are allowed)
  * and that everything the guest had flushed reads back intact.
  */
-import { execFile } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { bdrvFlush, bdrvTruncate } from '../../core/io.ts';
 import { OPEN, PERM } from '../../core/types.ts';
 import { newPowercutStore, deletePowercutStore, powercutDriver, type CrashModel } from '../../core/testing/powercut.ts';
-import { newGraph, openQcow2, qemuImg, QEMU_IMG, QEMU_IO, requireQemu, run, scratchDir } from './testing.ts';
+import { forEachImageInShell, newGraph, openQcow2, qemuImg, QEMU_IMG, QEMU_IO, requireQemu, run, scratchDir } from './testing.ts';
 import { applyToModel, opsArb, runOp, type Op } from './workload.ts';
 import { prng } from './fuzz.ts';
 
@@ -130,17 +129,9 @@ async function collect(v: Variant, ops: Op[], seed: number): Promise<void> {
   }
 }
 
-/**
- * Runs `qemu-img check` and `qemu-img convert -O raw` on every crash image,
- * four at a time, from one shell: spawning hundreds of processes from the
- * test worker costs far more than the checks themselves.
- */
+/** Runs `qemu-img check` (JSON) and `qemu-img convert -O raw` on every crash image. */
 function checkAll(files: string[]): Promise<void> {
-  writeFileSync(tmp.path('cuts.list'), files.join('\n') + '\n');
-  const script = `xargs -P 4 -I{} sh -c '${QEMU_IMG} check -f qcow2 --output=json "{}" > "{}.check" 2>&1; echo $? > "{}.rc"; ${QEMU_IMG} convert -f qcow2 -O raw "{}" "{}.raw" 2>> "{}.check"' < cuts.list`;
-  return new Promise((resolve, reject) => {
-    execFile('sh', ['-c', script], { cwd: tmp.dir, maxBuffer: 1 << 24 }, (err) => (err ? reject(err) : resolve()));
-  });
+  return forEachImageInShell(tmp.dir, files, `${QEMU_IMG} check -f qcow2 --output=json "{}" > "{}.check" 2>&1; echo $? > "{}.rc"; ${QEMU_IMG} convert -f qcow2 -O raw "{}" "{}.raw" 2>> "{}.check"`);
 }
 
 /** Compares the guest contents QEMU reads from the crash image with what was flushed. */

@@ -15,7 +15,6 @@
  * must read back (except during an apply, which replaces the disk), and a
  * snapshot the crash image lists must hold what it held when it was taken.
  */
-import { execFile } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -23,7 +22,7 @@ import { bdrvFlush } from '../../core/io.ts';
 import { applySnapshot, createSnapshot, deleteSnapshot } from '../../core/img/snapshot.ts';
 import { OPEN, PERM } from '../../core/types.ts';
 import { deletePowercutStore, newPowercutStore, powercutDriver, type CrashModel } from '../../core/testing/powercut.ts';
-import { newGraph, qemuImg, QEMU_IMG, requireQemu, scratchDir } from './testing.ts';
+import { forEachImageInShell, newGraph, qemuImg, QEMU_IMG, requireQemu, scratchDir } from './testing.ts';
 import { applyToModel, opsArb, runOp } from './workload.ts';
 import { prng } from './fuzz.ts';
 
@@ -138,12 +137,8 @@ async function collect(v: Variant, ops: ReturnType<typeof opsArb> extends fc.Arb
 
 /** check, the active disk and both snapshots (absent ones fail harmlessly) per crash image, four at a time. */
 function checkAll(files: string[]): Promise<void> {
-  writeFileSync(tmp.path('cuts.list'), files.join('\n') + '\n');
   const q = QEMU_IMG;
-  const script = `xargs -P 4 -I{} sh -c '${q} check -f qcow2 "{}" > "{}.check" 2>&1; echo $? > "{}.rc"; ${q} convert -f qcow2 -O raw "{}" "{}.raw" 2>> "{}.check"; ${q} convert -f qcow2 -O raw -l snapshot.name=a "{}" "{}.a" 2>/dev/null; ${q} convert -f qcow2 -O raw -l snapshot.name=b "{}" "{}.b" 2>/dev/null; true' < cuts.list`;
-  return new Promise((resolve, reject) => {
-    execFile('sh', ['-c', script], { cwd: tmp.dir, maxBuffer: 1 << 24 }, (err) => (err ? reject(err) : resolve()));
-  });
+  return forEachImageInShell(tmp.dir, files, `${q} check -f qcow2 "{}" > "{}.check" 2>&1; echo $? > "{}.rc"; ${q} convert -f qcow2 -O raw "{}" "{}.raw" 2>> "{}.check"; ${q} convert -f qcow2 -O raw -l snapshot.name=a "{}" "{}.a" 2>/dev/null; ${q} convert -f qcow2 -O raw -l snapshot.name=b "{}" "{}.b" 2>/dev/null; true`);
 }
 
 /** The ERROR lines that are not the harmless COPIED disagreement (flag clear, refcount 1). */
