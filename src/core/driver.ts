@@ -113,6 +113,14 @@ export interface BlockDriver {
   childPerm?(bs: BlockNode, child: BdrvChild | null, role: number, parentPerm: number, parentShared: number): { perm: number; shared: number };
 
   preadv?(bs: BlockNode, offset: number, bytes: number, buf: Uint8Array, flags: number, signal?: AbortSignal): Promise<void>;
+  /**
+   * preadv done on the calling thread when the storage can (memory, OPFS sync
+   * handles, files in synchronous mode, qcow2 over those with the mapping
+   * cached): true when `buf` holds the bytes, false (having done nothing) when
+   * only preadv can serve the request. Same bytes, errors and statistics as
+   * preadv; it lets a cached read pass every layer without a promise hop.
+   */
+  preadvSync?(bs: BlockNode, offset: number, bytes: number, buf: Uint8Array): boolean;
   pwritev?(bs: BlockNode, offset: number, bytes: number, buf: Uint8Array, flags: number, signal?: AbortSignal): Promise<void>;
   pwritevCompressed?(bs: BlockNode, offset: number, bytes: number, buf: Uint8Array): Promise<void>;
   /** Zero the range without a buffer; may unmap with REQ.MAY_UNMAP; ENOTSUP asks for the fallback. */

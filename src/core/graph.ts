@@ -449,6 +449,9 @@ export class Graph {
     if (extra['read-only'] !== undefined) flags = extra['read-only'] ? flags & ~OPEN.RDWR : flags | OPEN.RDWR;
     if (opts.readOnly !== undefined) flags = opts.readOnly ? flags & ~OPEN.RDWR : flags | OPEN.RDWR;
     if (opts.noBacking) flags |= OPEN.NO_BACKING;
+    // The protocol node inherits the cache options like any storage child (QEMU's bdrv_inherited_options copies cache.*).
+    if (extra.cache?.direct) flags |= OPEN.NOCACHE;
+    if (extra.cache?.['no-flush']) flags |= OPEN.NO_FLUSH;
     const fileSpec = extra.file;
     delete extra.file;
     let proto: BlockNode;

@@ -53,6 +53,14 @@ export function bdrvDebugEvent(bs: BlockNode | null | undefined, event: string):
   return undefined;
 }
 
+/** Whether a debug event announced on `bs` would reach a listener (paths that cannot announce one take the general path then). */
+export function hasDebugListener(bs: BlockNode | null | undefined): boolean {
+  for (let n = bs; n; n = n.primaryChild?.bs) {
+    if (n.drv.debugEvent) return true;
+  }
+  return false;
+}
+
 // ---------------------------------------------------------------------------
 // Tracked requests
 
@@ -253,6 +261,45 @@ function hasSerialisingConflict(bs: BlockNode, req: TrackedRequest): boolean {
   return false;
 }
 
+/** The settled result of a request done synchronously (shared: a resolved promise carries no state). */
+const DONE: Promise<void> = Promise.resolve();
+
+/** Whether a serialising request in flight overlaps the range (a synchronous read must not pass it). */
+function serialisingOverlap(bs: BlockNode, offset: number, bytes: number): boolean {
+  if (bs.trackedRequests.size === 0) return false;
+  for (const other of bs.trackedRequests) {
+    if (other.serialising && offset < other.overlapOffset + other.overlapBytes && other.overlapOffset < offset + bytes) return true;
+  }
+  return false;
+}
+
+/**
+ * Reads from the child's node on this thread when its driver can and the
+ * request needs none of the general path (QEMU has no such call: its
+ * coroutines make every layer cheap; here a promise hop per layer is the
+ * cost to avoid). True when `buf` holds the bytes; false when the caller must
+ * take bdrvPreadv. Throws what the driver throws.
+ */
+export function bdrvPreadvSync(child: BdrvChild, offset: number, bytes: number, buf: Uint8Array): boolean {
+  const bs = child.bs;
+  const drv = bs.drv;
+  if (drv.preadvSync === undefined) return false;
+  const align = bs.bl.requestAlignment;
+  return (
+    bytes > 0 &&
+    !bs.closing &&
+    bs.copyOnRead === 0 &&
+    offset >= 0 &&
+    offset % align === 0 &&
+    bytes % align === 0 &&
+    offset + bytes <= (bdrvGetLengthSync(bs) ?? -1) &&
+    buf.length >= bytes &&
+    (bs.bl.maxTransfer <= 0 || bytes <= (alignDown(bs.bl.maxTransfer, align) || align)) &&
+    !serialisingOverlap(bs, offset, bytes) &&
+    drv.preadvSync(bs, offset, bytes, buf.length === bytes ? buf : buf.subarray(0, bytes))
+  );
+}
+
 /** Waits for a fast-path driver read and ends its request (an async function: one resumption, no closures). */
 async function fastReadTail(bs: BlockNode, req: TrackedRequest, p: Promise<void>): Promise<void> {
   try {
@@ -298,6 +345,14 @@ export function bdrvPreadv(child: BdrvChild, offset: number, bytes: number, buf:
     (bs.bl.maxTransfer <= 0 || bytes <= (alignDown(bs.bl.maxTransfer, align) || align)) &&
     !signal?.aborted
   ) {
+    if (drv.preadvSync !== undefined && flags === 0 && !serialisingOverlap(bs, offset, bytes)) {
+      // Done on this thread: nothing can start or observe the node meanwhile, so it needs no tracking.
+      try {
+        if (drv.preadvSync(bs, offset, bytes, buf.length === bytes ? buf : buf.subarray(0, bytes))) return DONE;
+      } catch (e) {
+        return Promise.reject(e);
+      }
+    }
     bs.incInFlight();
     const req = trackBegin(bs, offset, bytes, false);
     if (!hasSerialisingConflict(bs, req)) {

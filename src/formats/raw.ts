@@ -12,7 +12,7 @@
 import { defaultChildPerms, type BdrvChild } from '../core/child.ts';
 import type { BlockDriver, BlockDriverInfo, CreateContext, MeasureInfo, ReopenState } from '../core/driver.ts';
 import { BlockError } from '../core/errors.ts';
-import { bdrvCopyRange, bdrvCopyRangeTo, bdrvDebugEvent, bdrvGetInfo, bdrvGetLength, bdrvGetLengthSync, bdrvPdiscard, bdrvPreadv, bdrvPwriteZeroes, bdrvPwritev, bdrvTruncate } from '../core/io.ts';
+import { bdrvCopyRange, bdrvCopyRangeTo, bdrvDebugEvent, bdrvGetInfo, bdrvGetLength, bdrvGetLengthSync, hasDebugListener, bdrvPdiscard, bdrvPreadv, bdrvPreadvSync, bdrvPwriteZeroes, bdrvPwritev, bdrvTruncate } from '../core/io.ts';
 import type { BlockNode } from '../core/node.ts';
 import type { CreateOptions } from '../core/options.ts';
 import { BLOCK, PERM, REQ, ROLE, type BlockdevOptions, type BlockStatus } from '../core/types.ts';
@@ -142,6 +142,13 @@ export const rawDriver: BlockDriver = {
     const off = adjustOffset(bs, offset, bytes, false);
     await bdrvDebugEvent(fileChild(bs).bs, 'read_aio');
     await bdrvPreadv(fileChild(bs), off, bytes, buf, flags, signal);
+  },
+
+  preadvSync(bs, offset, bytes, buf) {
+    const file = fileChild(bs);
+    // A listener on read_aio could inject an error or wait: only preadv announces it.
+    if (hasDebugListener(file.bs)) return false;
+    return bdrvPreadvSync(file, adjustOffset(bs, offset, bytes, false), bytes, buf);
   },
 
   async pwritev(bs, offset, bytes, buf, flags, signal) {

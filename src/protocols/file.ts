@@ -326,6 +326,7 @@ export const fileDriver: BlockDriver = {
 
   async preadv(bs, offset, bytes, buf, _flags, signal) {
     throwIfAborted(signal);
+    if (fileDriver.preadvSync!(bs, offset, bytes, buf)) return;
     const st = state(bs);
     st.stats.reads++;
     st.stats.bytesRead += bytes;
@@ -333,7 +334,7 @@ export const fileDriver: BlockDriver = {
       let done = 0;
       try {
         while (done < bytes) {
-          const bytesRead = syncIo && bytes <= SYNC_IO_MAX ? readSync(fh.fd, buf, done, bytes - done, offset + done) : (await fh.read(buf, done, bytes - done, offset + done)).bytesRead;
+          const bytesRead = (await fh.read(buf, done, bytes - done, offset + done)).bytesRead;
           if (bytesRead === 0) break;
           done += bytesRead;
         }
@@ -343,6 +344,30 @@ export const fileDriver: BlockDriver = {
       // A short read means EOF: the rest reads as zeroes (file-posix's handle_aiocb_rw).
       if (done < bytes) buf.fill(0, done, bytes);
     });
+  },
+
+  preadvSync(bs, offset, bytes, buf) {
+    if (!syncIo || bytes > SYNC_IO_MAX) return false;
+    const st = state(bs);
+    st.stats.reads++;
+    st.stats.bytesRead += bytes;
+    const ref = st.handle;
+    const fh = ref.acquire();
+    let done = 0;
+    try {
+      while (done < bytes) {
+        const n = readSync(fh.fd, buf, done, bytes - done, offset + done);
+        if (n === 0) break;
+        done += n;
+      }
+    } catch (e) {
+      throw ioError(e, bs.nodeName);
+    } finally {
+      ref.release();
+    }
+    // A short read means EOF: the rest reads as zeroes (file-posix's handle_aiocb_rw).
+    if (done < bytes) buf.fill(0, done, bytes);
+    return true;
   },
 
   async pwritev(bs, offset, bytes, buf, _flags, signal) {

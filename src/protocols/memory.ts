@@ -293,10 +293,15 @@ export const memoryDriver: BlockDriver = {
 
   async preadv(bs, offset, bytes, buf, _flags, signal) {
     throwIfAborted(signal);
+    memoryDriver.preadvSync!(bs, offset, bytes, buf);
+  },
+
+  preadvSync(bs, offset, bytes, buf) {
     const st = state(bs);
     st.store.read(offset, buf.subarray(0, bytes));
     st.stats.reads++;
     st.stats.bytesRead += bytes;
+    return true;
   },
 
   async pwritev(bs, offset, bytes, buf, _flags, signal) {

@@ -286,6 +286,10 @@ export const opfsDriver: BlockDriver = {
   },
 
   async preadv(bs, offset, bytes, buf) {
+    opfsDriver.preadvSync!(bs, offset, bytes, buf);
+  },
+
+  preadvSync(bs, offset, bytes, buf) {
     const s = st(bs);
     const view = buf.subarray(0, bytes);
     let n: number;
@@ -296,6 +300,7 @@ export const opfsDriver: BlockDriver = {
     }
     // Past EOF reads as zeroes, as a short pread does for file-posix.
     if (n < bytes) view.fill(0, n);
+    return true;
   },
 
   async pwritev(bs, offset, bytes, buf) {

@@ -312,7 +312,9 @@ function scanSlice(ctx: MappingContext, slice: Uint8Array, offset: number, offse
   const scIndex = offsetInCluster >>> g.subclusterBits;
   const nbClusters = Math.ceil(needed / clusterSize);
   const s = scanScratch;
-  kernel.scan(slice, sliceIndex, scIndex, nbClusters, g, s);
+  // One standard entry is a couple of loads: the wasm call's fixed cost (pointer checks, results
+  // area) would outweigh it, so the reference decodes it; from two entries on the kernel pays.
+  (nbClusters === 1 && !g.extended ? jsL2Kernel : kernel).scan(slice, sliceIndex, scIndex, nbClusters, g, s);
   const type = s.type;
   if (ctx.version < 3 && (type === SC.ZERO_PLAIN || type === SC.ZERO_ALLOC)) {
     throw ctx.corruption(`Zero cluster entry found in pre-v3 image (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(sliceIndex)})`);

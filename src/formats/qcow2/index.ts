@@ -46,8 +46,8 @@ import { RefcountState } from './refcount.ts';
 import { readSnapshots, type Qcow2Snapshot } from './snapshot.ts';
 import { barrier, flushRefblocks, markClean, writeback, writeHeaderRaw } from './alloc.ts';
 import { qcow2Check } from './check.ts';
-import { qcow2Preadv } from './read.ts';
-import { corruption, Mutex, OL_TEMPLATES, state, type Qcow2State } from './state.ts';
+import { qcow2Preadv, qcow2PreadvSync } from './read.ts';
+import { corruption, forgetCompressed, Mutex, OL_TEMPLATES, state, type Qcow2State } from './state.ts';
 import { qcow2LoadVmstate, qcow2SaveVmstate, qcow2SnapshotCreate, qcow2SnapshotDelete, qcow2SnapshotGoto, qcow2SnapshotLoadTmp } from './snapshot-write.ts';
 import { qcow2Pdiscard, qcow2Pwritev, qcow2PwritevCompressed, qcow2PwriteZeroes, qcow2Truncate } from './write.ts';
 
@@ -280,6 +280,7 @@ async function qcow2Open(bs: BlockNode, options: Record<string, unknown>, flags:
     snapshots,
     snapshotsSize,
     lazyRefcounts: choices.lazy,
+    compressedEpoch: 0,
     lock: new Mutex(),
     freeClusterIndex: 0,
     freeByteOffset: 0,
@@ -519,7 +520,7 @@ async function qcow2InvalidateCache(bs: BlockNode): Promise<void> {
   }
   s.l2Cache.invalidate();
   s.refcountCache.invalidate();
-  delete s.lastCompressed;
+  forgetCompressed(s);
   delete s.metadataPreallocation;
   const first = await readMeta(file, 0, s.clusterSize, 'Could not reopen qcow2 layer: Could not read qcow2 header');
   const h = parseHeader(first);
@@ -682,6 +683,7 @@ export const qcow2Driver: BlockDriver = {
   },
 
   preadv: qcow2Preadv,
+  preadvSync: qcow2PreadvSync,
 
   pwritev: (bs, offset, bytes, buf) => qcow2Pwritev(bs, offset, bytes, buf),
   pwritevCompressed: qcow2PwritevCompressed,

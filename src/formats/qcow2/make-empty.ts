@@ -20,7 +20,7 @@ import type { BlockNode } from '../../core/node.ts';
 import { barrier, checkUsable, writeback, writeHeaderRaw } from './alloc.ts';
 import { CRYPT, INCOMPAT } from './header.ts';
 import { refcountKernel } from './refcount.ts';
-import { state, type Qcow2State } from './state.ts';
+import { forgetCompressed, state, type Qcow2State } from './state.ts';
 import { clusterDiscard } from './write.ts';
 
 /** Whether the image qualifies for the in-place rebuild (QEMU's conditions in qcow2_make_empty). */
@@ -121,7 +121,7 @@ async function rebuildEmpty(s: Qcow2State): Promise<void> {
     s.pendingFrees = [];
     s.freeClusterIndex = 0;
     s.freeByteOffset = 0;
-    delete s.lastCompressed;
+    forgetCompressed(s);
     delete s.metadataPreallocation;
     // 7. Everything past the new structures is garbage now.
     await bdrvTruncate(file, used * cs, false, 'off');

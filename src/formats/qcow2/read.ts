@@ -6,7 +6,7 @@
  * old contents of a cluster for copy-on-write.
  */
 import { BlockError, toBlockError } from '../../core/errors.ts';
-import { bdrvDebugEvent, bdrvPread, bdrvPreadv } from '../../core/io.ts';
+import { bdrvDebugEvent, bdrvPread, bdrvPreadv, bdrvPreadvSync, hasDebugListener } from '../../core/io.ts';
 import type { BlockNode } from '../../core/node.ts';
 import { getHostOffset, mapExtent, newHostMapping, parseCompressedEntry, SC, type HostMapping } from './cluster.ts';
 import { decompressCluster } from './compress.ts';
@@ -20,6 +20,8 @@ export async function readCompressed(bs: BlockNode, s: Qcow2State, hi: number, l
     data = last.data;
   } else {
     const { offset: coffset, size } = parseCompressedEntry(hi, lo, s.clusterBits);
+    // A write that replaces a compressed cluster while this read waits bumps the epoch: what this read decoded is then not cached.
+    const epoch = s.compressedEpoch;
     const src = await bdrvPread(bs.file!, coffset, size);
     // The previous cluster's buffer is reused: from here to the copy below nothing awaits, so no
     // other read can be holding it, and it is unlinked first so a failure cannot leave it half-written.
@@ -31,7 +33,7 @@ export async function readCompressed(bs: BlockNode, s: Qcow2State, hi: number, l
     } catch (e) {
       throw new BlockError('EIO', toBlockError(e).message, { node: bs.nodeName, cause: e });
     }
-    s.lastCompressed = { hi, lo, data };
+    if (s.compressedEpoch === epoch) s.lastCompressed = { hi, lo, data };
   }
   const inCluster = offset % s.clusterSize;
   out.set(data.subarray(inCluster, inCluster + bytes));
@@ -102,6 +104,41 @@ export function qcow2Preadv(bs: BlockNode, offset: number, bytes: number, buf: U
     }
   }
   return qcow2PreadvLoop(bs, s, offset, bytes, buf, flags, signal);
+}
+
+/**
+ * The driver's preadvSync: serves the request on this thread when the L2
+ * slice is cached and one extent covers it, and that extent is zeroes, or data
+ * (or a backing range) whose node reads synchronously too. Anything else,
+ * including a listener for the read events, is left to qcow2Preadv.
+ */
+export function qcow2PreadvSync(bs: BlockNode, offset: number, bytes: number, buf: Uint8Array): boolean {
+  const s = state(bs);
+  const m = fastMapping;
+  const pending = mapExtent(s.mapping, offset, bytes, m);
+  if (pending) {
+    // A cache miss: qcow2Preadv shares the slice load and reports its outcome.
+    pending.catch(() => undefined);
+    return false;
+  }
+  if (m.bytes !== bytes) return false;
+  switch (m.type) {
+    case SC.ZERO_PLAIN:
+    case SC.ZERO_ALLOC:
+      buf.fill(0, 0, bytes);
+      return true;
+    case SC.UNALLOCATED_PLAIN:
+    case SC.UNALLOCATED_ALLOC:
+      if (!bs.backing) {
+        buf.fill(0, 0, bytes);
+        return true;
+      }
+      return !hasDebugListener(bs.file?.bs) && bdrvPreadvSync(bs.backing, offset, bytes, buf);
+    case SC.NORMAL:
+      return !hasDebugListener(bs.file?.bs) && bdrvPreadvSync(s.dataFile, m.hostOffset, bytes, buf);
+    default:
+      return false;
+  }
 }
 
 /** The general read loop: extent by extent, up to MAX_WORKERS data reads in flight. */

@@ -31,7 +31,7 @@ import { allocClusters, barrier, checkUsable, getRefcount, overlapCheck, queueFr
 import { parseCompressedEntry } from './cluster.ts';
 import { HDR, hex, LIMITS, validateTable } from './header.ts';
 import type { Qcow2Snapshot } from './snapshot.ts';
-import { entryOffset, HI_COMPRESSED, HI_COPIED, hiWord, loWord, OL, setL1, state, type DiscardType, type Qcow2State } from './state.ts';
+import { entryOffset, forgetCompressed, HI_COMPRESSED, HI_COPIED, hiWord, loWord, OL, setL1, state, type DiscardType, type Qcow2State } from './state.ts';
 import { growL1, qcow2Pwritev, qcow2Truncate } from './write.ts';
 import { qcow2Preadv } from './read.ts';
 
@@ -539,7 +539,7 @@ export async function qcow2SnapshotLoadTmp(bs: BlockNode, id: string | undefined
     s.header.l1TableOffset = sn.l1TableOffset;
     s.l1Dirty.clear();
     delete s.metadataPreallocation;
-    delete s.lastCompressed;
+    forgetCompressed(s);
   });
 }
 

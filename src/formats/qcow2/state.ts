@@ -114,6 +114,8 @@ export interface Qcow2State {
   cleanInterval: number;
   /** Last decompressed cluster, keyed by its descriptor, so small sequential reads inflate once. */
   lastCompressed?: { hi: number; lo: number; data: Uint8Array };
+  /** Bumped whenever compressed clusters may have changed (forgetCompressed), so a read that decoded across the change does not cache it. */
+  compressedEpoch: number;
 
   /** Serialises every metadata update (QEMU's s->lock). */
   lock: Mutex;
@@ -137,6 +139,12 @@ export interface Qcow2State {
   committing: boolean;
   /** The node, for messages and header writes from helpers. */
   bs: BlockNode;
+}
+
+/** Drops the decompressed-cluster cache after compressed clusters may have changed. */
+export function forgetCompressed(s: Qcow2State): void {
+  delete s.lastCompressed;
+  s.compressedEpoch++;
 }
 
 /** The state of an open node, or ENOMEDIUM. */

@@ -41,6 +41,7 @@ import { AUTOCLEAR, HDR, hex, LIMITS } from './header.ts';
 import { qcow2Preadv } from './read.ts';
 import {
   entryOffset,
+  forgetCompressed,
   HI_COMPRESSED,
   HI_COPIED,
   hiWord,
@@ -358,7 +359,7 @@ async function allocatingStep(bs: BlockNode, s: Qcow2State, offset: number, byte
       if (p.reuse < 0 && (hasHost(s, p.old) || p.old.hi & HI_COMPRESSED)) freeEntry(s, p.old.hi, p.old.lo, 'never');
     }
     sliceChanged(s, ref);
-    if (run.some((p) => p.old.hi & HI_COMPRESSED)) delete s.lastCompressed;
+    if (run.some((p) => p.old.hi & HI_COMPRESSED)) forgetCompressed(s);
     return written;
   } finally {
     s.l2Cache.release(ref.offset);
@@ -484,7 +485,7 @@ async function zeroStep(s: Qcow2State, offset: number, bytes: number, unmap: boo
       sliceChanged(s, ref);
       if (free) {
         freeEntry(s, old.hi, old.lo, 'request');
-        if (compressed) delete s.lastCompressed;
+        if (compressed) forgetCompressed(s);
       }
     }
     return end - offset;
@@ -600,7 +601,7 @@ export async function clusterDiscard(s: Qcow2State, offset: number, bytes: numbe
         sliceChanged(s, ref);
         if (allocated) {
           freeEntry(s, old.hi, old.lo, type);
-          if (old.hi & HI_COMPRESSED) delete s.lastCompressed;
+          if (old.hi & HI_COMPRESSED) forgetCompressed(s);
         }
       }
       cur = stop;
@@ -691,7 +692,7 @@ async function writeCompressedCluster(s: Qcow2State, offset: number, bytes: numb
       await ev(s, 'l2_update_compressed');
       putEntry(s, ref.slice, ref.index, compressedEntry(s, host, out.length));
       sliceChanged(s, ref);
-      delete s.lastCompressed;
+      forgetCompressed(s);
     } finally {
       s.l2Cache.release(ref.offset);
     }
