@@ -15,6 +15,11 @@ import { bdrvDirtyBitmapTruncate, bdrvHasReadonlyBitmaps, bdrvSetDirty } from '.
 /** Largest bounce buffer used when emulating zero writes. */
 const MAX_ZERO_BOUNCE = 1 << 20;
 
+/** Whether n is a multiple of a, without % (a library call when n is past 2^31 and so a double): the hot read paths test this per request. */
+function isAligned(n: number, a: number): boolean {
+  return a === 1 || n === Math.floor(n / a) * a;
+}
+
 function alignDown(n: number, a: number): number {
   return n - (n % a);
 }
@@ -290,8 +295,8 @@ export function bdrvPreadvSync(child: BdrvChild, offset: number, bytes: number, 
     !bs.closing &&
     bs.copyOnRead === 0 &&
     offset >= 0 &&
-    offset % align === 0 &&
-    bytes % align === 0 &&
+    isAligned(offset, align) &&
+    isAligned(bytes, align) &&
     offset + bytes <= (bdrvGetLengthSync(bs) ?? -1) &&
     buf.length >= bytes &&
     (bs.bl.maxTransfer <= 0 || bytes <= (alignDown(bs.bl.maxTransfer, align) || align)) &&
@@ -338,8 +343,8 @@ export function bdrvPreadv(child: BdrvChild, offset: number, bytes: number, buf:
     Number.isInteger(offset) &&
     Number.isInteger(bytes) &&
     offset >= 0 &&
-    offset % align === 0 &&
-    bytes % align === 0 &&
+    isAligned(offset, align) &&
+    isAligned(bytes, align) &&
     offset + bytes <= (bdrvGetLengthSync(bs) ?? -1) &&
     buf.length >= bytes &&
     (bs.bl.maxTransfer <= 0 || bytes <= (alignDown(bs.bl.maxTransfer, align) || align)) &&

@@ -1,6 +1,6 @@
 import { beforeAll, describe, expect, it } from 'vitest';
 import fc from 'fast-check';
-import { jsL2Kernel, newL2Scan, SC, type L2Geometry } from '../formats/qcow2/cluster.ts';
+import { jsL2Kernel, newL2Scan, scanOneStandard, SC, type L2Geometry } from '../formats/qcow2/cluster.ts';
 import { instantiateKernels, l2Ref, type Kernels, type L2Run } from './index.ts';
 
 /** Small xorshift PRNG so one fast-check seed describes a whole slice. */
@@ -152,6 +152,20 @@ describe('L2 kernel', () => {
         expect(inPlace).toEqual(want);
       }),
       { numRuns: 1500 },
+    );
+  });
+
+  it('the one-entry decode of the read fast path agrees with jsL2Kernel', () => {
+    fc.assert(
+      fc.property(caseArb, (c) => {
+        if (c.g.extended) return;
+        const want = newL2Scan();
+        jsL2Kernel.scan(c.slice, c.l2Index, 0, 1, c.g, want);
+        const got = newL2Scan();
+        scanOneStandard(c.slice, c.l2Index, c.g.hasDataFile, got);
+        expect(got).toEqual(want);
+      }),
+      { numRuns: 3000 },
     );
   });
 

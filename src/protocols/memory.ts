@@ -298,7 +298,7 @@ export const memoryDriver: BlockDriver = {
 
   preadvSync(bs, offset, bytes, buf) {
     const st = state(bs);
-    st.store.read(offset, buf.subarray(0, bytes));
+    st.store.read(offset, buf.length === bytes ? buf : buf.subarray(0, bytes));
     st.stats.reads++;
     st.stats.bytesRead += bytes;
     return true;

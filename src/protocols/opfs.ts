@@ -291,7 +291,7 @@ export const opfsDriver: BlockDriver = {
 
   preadvSync(bs, offset, bytes, buf) {
     const s = st(bs);
-    const view = buf.subarray(0, bytes);
+    const view = buf.length === bytes ? buf : buf.subarray(0, bytes);
     let n: number;
     try {
       n = s.handle.read(view, { at: offset });

@@ -17,6 +17,26 @@ export const DEFAULT_CACHE_CLEAN_INTERVAL = 600;
 export const MIN_L2_CACHE_SIZE = 2;
 export const MIN_REFCOUNT_CACHE_SIZE = 4;
 
+/** The entries by offset, counting every change so a memoised lookup knows when it went stale. */
+class EntryMap extends Map<number, Entry> {
+  version = 0;
+
+  override set(offset: number, e: Entry): this {
+    this.version++;
+    return super.set(offset, e);
+  }
+
+  override delete(offset: number): boolean {
+    this.version++;
+    return super.delete(offset);
+  }
+
+  override clear(): void {
+    this.version++;
+    super.clear();
+  }
+}
+
 interface Entry {
   buf: Uint8Array;
   dirty: boolean;
@@ -49,7 +69,11 @@ export type CacheWriter = (offset: number, buf: Uint8Array) => Promise<void>;
 
 /** An LRU of fixed-size metadata buffers keyed by host offset. */
 export class MetadataCache {
-  private readonly entries = new Map<number, Entry>();
+  private readonly entries = new EntryMap();
+  /** The entry the last lookup found, valid while entries.version is memoVersion: runs of hits on one slice skip the Map. */
+  private memoOffset = -1;
+  private memoEntry: Entry | undefined = undefined;
+  private memoVersion = -1;
   /** Use counter: a hit stamps the entry with the next value (QEMU's lru_counter), cheaper than reordering on every hit. */
   private useCounter = 0;
   private readonly loading = new Map<number, Promise<Uint8Array>>();
@@ -116,8 +140,16 @@ export class MetadataCache {
 
   /** The cached buffer at `offset`, counted as a use (the synchronous hit path of get), or undefined. */
   lookup(offset: number): Uint8Array | undefined {
-    const e = this.entries.get(offset);
-    if (!e) return undefined;
+    let e: Entry | undefined;
+    if (offset === this.memoOffset && this.memoVersion === this.entries.version) {
+      e = this.memoEntry!;
+    } else {
+      e = this.entries.get(offset);
+      if (!e) return undefined;
+      this.memoOffset = offset;
+      this.memoEntry = e;
+      this.memoVersion = this.entries.version;
+    }
     this.hits++;
     this.touch(offset, e);
     return e.buf;

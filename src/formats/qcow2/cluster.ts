@@ -199,6 +199,35 @@ export const jsL2Kernel: L2Kernel = {
   },
 };
 
+/**
+ * jsL2Kernel.scan of exactly one standard (non-extended) entry, straight-line:
+ * the mapping of a request inside one cluster, the commonest there is, where
+ * the general loop and the wasm call's fixed cost both outweigh two loads.
+ */
+export function scanOneStandard(slice: Uint8Array, l2Index: number, hasDataFile: boolean, out: L2Scan): void {
+  const o = l2Index * 8;
+  const hi = ((slice[o]! << 24) | (slice[o + 1]! << 16) | (slice[o + 2]! << 8) | slice[o + 3]!) >>> 0;
+  const lo = ((slice[o + 4]! << 24) | (slice[o + 5]! << 16) | (slice[o + 6]! << 8) | slice[o + 7]!) >>> 0;
+  out.entryHi = hi;
+  out.entryLo = lo;
+  out.invalidIndex = -1;
+  out.count = 1;
+  const hostHi = hi & HI_OFFSET_MASK;
+  const hostLo = (lo & LO_OFFSET_MASK) >>> 0;
+  if (hi & HI_COMPRESSED) {
+    out.type = SC.COMPRESSED;
+    out.hostCluster = 0;
+    return;
+  }
+  const hasOffset = hostHi !== 0 || hostLo !== 0;
+  let type: SubclusterType;
+  if (lo & 1) type = hasOffset ? SC.ZERO_ALLOC : SC.ZERO_PLAIN;
+  else if (hasOffset) type = SC.NORMAL;
+  else type = hasDataFile && hi & HI_COPIED ? SC.NORMAL : SC.UNALLOCATED_PLAIN;
+  out.type = type;
+  out.hostCluster = type === SC.NORMAL || type === SC.ZERO_ALLOC ? (hostHi >= HI_OFFSET_LIMIT ? -1 : hostHi * 0x100000000 + hostLo) : 0;
+}
+
 let kernel: L2Kernel = jsL2Kernel;
 
 /** The L2 kernel in use. */
@@ -271,10 +300,13 @@ export function newHostMapping(): HostMapping {
 export function mapExtent(ctx: MappingContext, offset: number, bytes: number, out: HostMapping): Promise<void> | undefined {
   const g = ctx.geometry;
   // Cluster bits are at most 21, so the shift is exact.
+  // Every divisor below is a power of two, so floor-division and subtraction are exact; they are
+  // used instead of % because offsets past 2^31 are doubles, where % is a slow library call.
   const clusterSize = 1 << g.clusterBits;
-  const offsetInCluster = offset % clusterSize;
   const clusterIndex = Math.floor(offset / clusterSize);
-  const sliceIndex = clusterIndex % ctx.l2SliceEntries;
+  const offsetInCluster = offset - clusterIndex * clusterSize;
+  const sliceEntries = ctx.l2SliceEntries;
+  const sliceIndex = clusterIndex - Math.floor(clusterIndex / sliceEntries) * sliceEntries;
   let needed = bytes + offsetInCluster;
   const available = (ctx.l2SliceEntries - sliceIndex) * clusterSize;
   if (needed > available) needed = available;
@@ -286,12 +318,12 @@ export function mapExtent(ctx: MappingContext, offset: number, bytes: number, ou
   if (l1Index < ctx.l1Size) {
     const l2Offset = l1Entry(ctx.l1, l1Index);
     if (l2Offset !== 0) {
-      if (l2Offset < 0 || l2Offset % clusterSize !== 0) {
+      if (l2Offset < 0 || l2Offset !== Math.floor(l2Offset / clusterSize) * clusterSize) {
         throw ctx.corruption(`L2 table offset ${l2Offset < 0 ? 'beyond 2^53' : hex(l2Offset)} unaligned (L1 index: ${hex(l1Index)})`);
       }
-      const l2Index = clusterIndex % ctx.l2Entries;
+      const l2Index = clusterIndex - l1Index * ctx.l2Entries;
       const entryBytes = g.extended ? 16 : 8;
-      const sliceOffset = l2Offset + Math.floor(l2Index / ctx.l2SliceEntries) * ctx.l2SliceEntries * entryBytes;
+      const sliceOffset = l2Offset + (l2Index - sliceIndex) * entryBytes;
       // Cache hits come back synchronously; only misses pay for a continuation.
       const loaded = ctx.lookupL2Slice?.(sliceOffset) ?? ctx.loadL2Slice(sliceOffset, () => `L2 table offset ${hex(l2Offset)} beyond the end of the image file (L1 index: ${hex(l1Index)})`);
       if (loaded instanceof Uint8Array) {
@@ -313,8 +345,9 @@ function scanSlice(ctx: MappingContext, slice: Uint8Array, offset: number, offse
   const nbClusters = Math.ceil(needed / clusterSize);
   const s = scanScratch;
   // One standard entry is a couple of loads: the wasm call's fixed cost (pointer checks, results
-  // area) would outweigh it, so the reference decodes it; from two entries on the kernel pays.
-  (nbClusters === 1 && !g.extended ? jsL2Kernel : kernel).scan(slice, sliceIndex, scIndex, nbClusters, g, s);
+  // area) would outweigh it; from two entries on the kernel pays.
+  if (nbClusters === 1 && !g.extended) scanOneStandard(slice, sliceIndex, g.hasDataFile, s);
+  else kernel.scan(slice, sliceIndex, scIndex, nbClusters, g, s);
   const type = s.type;
   if (ctx.version < 3 && (type === SC.ZERO_PLAIN || type === SC.ZERO_ALLOC)) {
     throw ctx.corruption(`Zero cluster entry found in pre-v3 image (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(sliceIndex)})`);
@@ -331,7 +364,7 @@ function scanSlice(ctx: MappingContext, slice: Uint8Array, offset: number, offse
     }
   } else if (type === SC.NORMAL || type === SC.ZERO_ALLOC || type === SC.UNALLOCATED_ALLOC) {
     const host = s.hostCluster;
-    if (host < 0 || host % clusterSize !== 0) {
+    if (host < 0 || host !== Math.floor(host / clusterSize) * clusterSize) {
       throw ctx.corruption(`Cluster allocation offset ${host < 0 ? 'beyond 2^53' : hex(host)} unaligned (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(sliceIndex)})`);
     }
     if (g.hasDataFile && host !== offset - offsetInCluster) {

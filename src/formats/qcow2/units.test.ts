@@ -145,6 +145,26 @@ describe('metadata cache', () => {
     expect(c.peek(0)).toBeDefined();
   });
 
+  it('a repeated lookup sees evictions, discards, replacements and clears', async () => {
+    const c = new MetadataCache('l2', 2, 8);
+    const a = await c.get(0, async (b) => { b.fill(1); });
+    expect(c.lookup(0)).toBe(a);
+    expect(c.lookup(0)).toBe(a);
+    c.discard(0);
+    expect(c.lookup(0)).toBeUndefined();
+    const b = await c.get(0, async (x) => { x.fill(2); });
+    expect(c.lookup(0)).toBe(b);
+    const replaced = new Uint8Array(8).fill(3);
+    await c.put(0, replaced, false);
+    expect(c.lookup(0)).toBe(replaced);
+    await c.get(8, async () => undefined);
+    await c.get(16, async () => undefined); // evicts 0, the least recently used
+    expect(c.lookup(0)).toBeUndefined();
+    expect(c.lookup(16)).toBeDefined();
+    c.clear();
+    expect(c.lookup(16)).toBeUndefined();
+  });
+
   it('never drops dirty entries and cleans unused ones', async () => {
     const c = new MetadataCache('refcount', 1, 8);
     await c.get(0, async () => undefined);
