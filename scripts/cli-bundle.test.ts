@@ -4,12 +4,12 @@
 // against Debian's qemu-img on the same files.
 
 import { execFileSync, spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildCliBundle, cliBundleStale } from './cli-bundle.mjs';
+import { buildCliBundle, CLI_CODE_CACHE, cliBundleStale } from './cli-bundle.mjs';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const BIN = join(ROOT, 'bin', 'qblock-img');
@@ -64,6 +64,27 @@ describe('bin/qblock-img from the bundle', () => {
     const theirs = run('qemu-img', ['compare', img, join(dir, 'out.raw')]);
     expect(theirs.status).toBe(1);
     expect(run('qblock-img', ['compare', img, join(dir, 'out.raw')])).toEqual(theirs);
+  });
+
+  it('stores V8\'s code cache after a run, starts from it, and replaces a cache V8 refuses', () => {
+    const theirs = run('qemu-img', ['check', img]);
+    rmSync(CLI_CODE_CACHE, { force: true });
+    expect(run('qblock-img', ['check', img])).toEqual(theirs);
+    const written = readFileSync(CLI_CODE_CACHE);
+    expect(written.length).toBeGreaterThan(10000);
+    expect(run('qblock-img', ['check', img])).toEqual(theirs);
+    // A cache for other code (here: garbage) is refused by V8; the run is unaffected and the cache is rewritten.
+    writeFileSync(CLI_CODE_CACHE, new Uint8Array(4096).fill(0x55));
+    expect(run('qblock-img', ['check', img])).toEqual(theirs);
+    expect(readFileSync(CLI_CODE_CACHE).subarray(0, 64)).not.toEqual(new Uint8Array(64).fill(0x55));
+  });
+
+  it('dynamic imports work inside the bundle (the zstd encoder loads on first use)', () => {
+    const out = join(dir, 'zstd.qcow2');
+    const r = run('qblock-img', ['convert', '-c', '-O', 'qcow2', '-o', 'compression_type=zstd', img, out]);
+    expect(r).toEqual({ status: 0, stdout: '', stderr: '' });
+    expect(run('qemu-img', ['compare', img, out])).toMatchObject({ status: 0, stdout: 'Images are identical.\n' });
+    expect(run('qemu-img', ['check', out]).status).toBe(0);
   });
 
   it('falls back to the TypeScript sources through tsx when told not to use the bundle', () => {

@@ -7,7 +7,7 @@
 //           node_modules, and the wasm kernels
 //   --web   node_modules and the wasm kernels
 //   both    the command-line bundle bin/qblock-img and bin/qblock-io start from
-//           (build/cli/cli.mjs; scripts/cli-bundle.mjs)
+//           (build/cli/cli.cjs; scripts/cli-bundle.mjs)
 //
 // Fast when nothing is missing: one dpkg-query call and a few stat()s.
 
@@ -171,7 +171,7 @@ export function ensureWasm() {
 /** Builds the command-line bundle when stale; returns false if the build fails (the launchers then fall back to tsx). */
 export async function ensureCliBundle() {
   if (!cliBundleStale()) return true;
-  say('bundling the command-line tools (build/cli/cli.mjs)');
+  say('bundling the command-line tools (build/cli/cli.cjs)');
   return buildCliBundle(true);
 }
 

@@ -98,7 +98,7 @@ export async function qemuImgRows(opts: QemuImgBenchOptions = {}): Promise<Row[]
     // Start-up alone, to separate it from work in the rows below.
     const startOurs = median([0, 1, 2].map(() => runTool('qblock-img', ['--version']).seconds));
     const startTheirs = median([0, 1, 2].map(() => runTool('qemu-img', ['--version']).seconds));
-    rows.push(timeRow(G, 'process start-up (--version)', { label: 'qblock-img', value: startOurs, unit: 's' }, { label: 'qemu-img', value: startTheirs, unit: 's' }, undefined, 'Node loading the bundled CLI (build/cli/cli.mjs)'));
+    rows.push(timeRow(G, 'process start-up (--version)', { label: 'qblock-img', value: startOurs, unit: 's' }, { label: 'qemu-img', value: startTheirs, unit: 's' }, undefined, 'Node loading the bundled CLI (build/cli/cli.cjs) with its code cache'));
 
     for (const c of cases) {
       const cmd = c.args[0]!;

@@ -416,6 +416,23 @@ async function storedRefcount(c: Ctx, k: number): Promise<number> {
   }
 }
 
+/**
+ * storedRefcount answered without I/O when cluster `k`'s refcount block is
+ * cached (or absent), else undefined: the per-cluster loops of check settle
+ * the common case in one turn and await only for a block's first load.
+ */
+function storedRefcountCached(c: Ctx, k: number): number | undefined {
+  const s = c.s;
+  const E = s.refcount.blockEntries;
+  const b = Math.floor(k / E);
+  if (b >= s.refcount.tableSize) return 0;
+  const off = s.refcount.tableEntry(b);
+  if (off === 0) return 0;
+  if (!Number.isFinite(off) || off !== Math.floor(off / s.clusterSize) * s.clusterSize) return undefined;
+  const block = s.refcountCache.lookup(off);
+  return block ? refcountKernel().get(block, k - b * E, s.refcount.order) : undefined;
+}
+
 /** QEMU's compare_refcounts: stored versus counted, fixing in place what `fix` allows. Returns the highest cluster in use. */
 async function compare(c: Ctx, fix: number): Promise<number> {
   const s = c.s;
@@ -463,6 +480,12 @@ async function compare(c: Ctx, fix: number): Promise<number> {
       if (any < 0) { k = end - 1; continue; }
       k = any;
     }
+    // Agreeing counts (nearly all of them) settle here; a disagreement, or a block not yet loaded, takes visit.
+    const stored = storedRefcountCached(c, k);
+    if (stored !== undefined && stored === c.refs.get(k)) {
+      if (stored > 0) highest = k;
+      continue;
+    }
     await visit(k);
   }
   for (const k of [...c.refs.extra.keys()].sort((a, b) => a - b)) if (k >= n) await visit(k);
@@ -475,7 +498,7 @@ async function checkCopied(c: Ctx): Promise<void> {
   const s = c.s;
   const cs = s.clusterSize;
   const fixing = (c.fix & CHECK_FIX.ERRORS) !== 0;
-  const refcountOf = async (off: number): Promise<number> => storedRefcount(c, Math.floor(off / cs));
+  const refcountOf = (off: number): number | Promise<number> => storedRefcountCached(c, Math.floor(off / cs)) ?? storedRefcount(c, Math.floor(off / cs));
   let l1Changed = false;
   const copiedSeen = new Set<number>();
   for (let i = 0; i < s.header.l1Size; i++) {
@@ -509,7 +532,8 @@ async function checkCopied(c: Ctx): Promise<void> {
       const off = entryOffset(ehi, elo);
       const hasHost = off !== 0 || (s.hasDataFile && (ehi & HI_COPIED) !== 0);
       if (!hasHost || off < 0 || off % cs !== 0) continue;
-      const erc = s.hasDataFile ? 1 : await refcountOf(off);
+      const known = s.hasDataFile ? 1 : refcountOf(off);
+      const erc = typeof known === 'number' ? known : await known;
       if (erc < 0) continue;
       if ((erc === 1) !== ((ehi & HI_COPIED) !== 0)) {
         c.log(`${fixing ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${entryHex(ehi, elo)} refcount=${erc}`);
