@@ -81,14 +81,16 @@ export function wasmZeroOps(host: WasmHost): ZeroOps {
     return false;
   };
 
+  const isZero = (buf: Uint8Array): boolean => {
+    // In place and small enough for one call: no closures, no subarray.
+    if (buf.length <= IN_PLACE_CHUNK && inMemory(buf)) return ex.isZero(buf.byteOffset, buf.length) !== 0;
+    if (buf.length < SMALL_COPY) return isZeroRef(buf);
+    if (headHasData(buf)) return false;
+    return !eachPiece(buf, (ptr, len) => ex.isZero(ptr, len) === 0);
+  };
+
   return {
-    isZero(buf) {
-      // In place and small enough for one call: no closures, no subarray.
-      if (buf.length <= IN_PLACE_CHUNK && inMemory(buf)) return ex.isZero(buf.byteOffset, buf.length) !== 0;
-      if (buf.length < SMALL_COPY) return isZeroRef(buf);
-      if (headHasData(buf)) return false;
-      return !eachPiece(buf, (ptr, len) => ex.isZero(ptr, len) === 0);
-    },
+    isZero,
     firstNonZero(buf) {
       if (buf.length <= IN_PLACE_CHUNK && inMemory(buf)) return ex.firstNonZero(buf.byteOffset, buf.length);
       if (buf.length < SMALL_COPY) return firstNonZeroRef(buf);
@@ -130,12 +132,20 @@ export function wasmZeroOps(host: WasmHost): ZeroOps {
     firstZeroBlock(buf, unit) {
       if (!(unit > 0)) return -1;
       if (inMemory(buf)) return ex.firstZeroBlock(buf.byteOffset, buf.length, unit);
-      // Copy whole units per piece so block boundaries stay at multiples of unit.
-      const step = unit >= COPY_CHUNK ? unit : Math.floor(COPY_CHUNK / unit) * unit;
-      for (let off = 0; off < buf.length; off += step) {
-        const part = buf.subarray(off, off + step);
-        const r = ex.firstZeroBlock(host.copyIn('zero', part), part.length, unit);
-        if (r >= 0) return off + r;
+      // A block whose first bytes hold data is not zero, and real data nearly always says so at
+      // once: blocks are ruled out here in JS, and only those starting with zeroes are checked
+      // whole, so a chunk of data without zero blocks (convert's common case) is never copied in.
+      for (let off = 0; off < buf.length; off += unit) {
+        const end = Math.min(off + unit, buf.length);
+        const probe = Math.min(off + 16, end);
+        let data = false;
+        for (let i = off; i < probe; i++) {
+          if (buf[i] !== 0) {
+            data = true;
+            break;
+          }
+        }
+        if (!data && isZero(buf.subarray(off, end))) return off;
       }
       return -1;
     },
