@@ -180,6 +180,35 @@ export function currentKernels(): Kernels {
   return loaded ?? referenceKernels;
 }
 
+/** A buffer from kernelBuffer, with what returns it. */
+export interface KernelBuffer {
+  buf: Uint8Array;
+  /** Gives the memory back; the buffer must not be used afterwards. */
+  release(): void;
+}
+
+/**
+ * A working buffer of `bytes` that the zero and compare kernels scan in place:
+ * in linear memory when it is shared (views of shared memory survive its
+ * growth), else ordinary memory, which they copy in piece by piece. For the
+ * bulk loops (convert, compare) whose every chunk is scanned.
+ */
+export function kernelBuffer(bytes: number): KernelBuffer {
+  const host = loaded?.host;
+  if (host?.shared && bytes > 0) {
+    const ptr = host.alloc(bytes);
+    let live = true;
+    return {
+      buf: host.view(ptr, bytes),
+      release: () => {
+        if (live) host.free(ptr);
+        live = false;
+      },
+    };
+  }
+  return { buf: new Uint8Array(bytes), release: () => undefined };
+}
+
 /** True when the loaded kernels are the wasm ones; throws if `loadKernels()` has not resolved yet. */
 export function usingWasm(): boolean {
   return kernels().wasm;

@@ -7,6 +7,7 @@
 import type { BlockBackend } from '../block-backend.ts';
 import { STRERROR, toBlockError } from '../errors.ts';
 import { bdrvBlockStatusAbove } from '../io.ts';
+import { kernelBuffer } from '../../kernels/index.ts';
 import { BLOCK } from '../types.ts';
 import { firstDifferentByte, firstEqualBlock, firstNonZeroByte } from '../zero.ts';
 
@@ -110,14 +111,26 @@ export async function compareImages(a: CompareSide, b: CompareSide, opts: Compar
   const size1 = await size(a);
   const size2 = await size(b);
   const total = Math.min(size1, size2);
-  const base = Math.max(size1, size2);
   if (opts.strict && size1 !== size2) {
     say('Strict mode: Image size mismatch!');
     return 1;
   }
+  // In linear memory when possible, so the compare and zero kernels read the chunks in place.
+  const own1 = kernelBuffer(Math.min(IO_BUF_SIZE, Math.max(total, 0)));
+  const own2 = kernelBuffer(own1.buf.length);
+  try {
+    return await compareLoop(a, b, opts, say, size1, size2, own1.buf, own2.buf);
+  } finally {
+    own1.release();
+    own2.release();
+  }
+}
+
+/** The walk of compareImages over both images, with its two read buffers. */
+async function compareLoop(a: CompareSide, b: CompareSide, opts: CompareOptions, say: (l: string) => void, size1: number, size2: number, bufs1: Uint8Array, bufs2: Uint8Array): Promise<number> {
+  const total = Math.min(size1, size2);
+  const base = Math.max(size1, size2);
   let offset = 0;
-  const bufs1 = new Uint8Array(Math.min(IO_BUF_SIZE, Math.max(total, 0)));
-  const bufs2 = new Uint8Array(bufs1.length);
   while (offset < total) {
     const s1 = await status(a, offset, size1 - offset);
     const s2 = await status(b, offset, size2 - offset);

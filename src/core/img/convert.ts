@@ -14,6 +14,7 @@ import { bdrvBlockStatusAbove, filterOrCowBs } from '../io.ts';
 import type { BlockNode } from '../node.ts';
 import { BDRV_REQUEST_MAX_BYTES, BLOCK, REQ } from '../types.ts';
 import { firstNonZeroByte, firstZeroBlock, isZeroBuffer } from '../zero.ts';
+import { kernelBuffer } from '../../kernels/index.ts';
 import { bdrvGetInfo } from './info.ts';
 
 const SECTOR = 512;
@@ -278,7 +279,16 @@ class Converter {
 
   /** One worker (QEMU's convert_co_do_copy). */
   async worker(): Promise<void> {
-    const buf = new Uint8Array(this.bufSectors * SECTOR);
+    // In linear memory when possible: each chunk is zero-scanned, and the kernel then reads it in place.
+    const own = kernelBuffer(this.bufSectors * SECTOR);
+    try {
+      await this.copyLoop(own.buf);
+    } finally {
+      own.release();
+    }
+  }
+
+  private async copyLoop(buf: Uint8Array): Promise<void> {
     for (;;) {
       if (this.error !== null || this.sectorNum >= this.totalSectors) return;
       let n: number;
