@@ -12,6 +12,11 @@ import { httpDriver } from './protocols/http.ts';
 import { memoryDriver } from './protocols/memory.ts';
 import { nullAioDriver, nullCoDriver } from './protocols/null.ts';
 import { opfsDriver } from './protocols/opfs.ts';
+import { setRawInflateAsync } from './formats/qcow2/compress.ts';
+import { inflateRawStream, streamInflateAvailable } from './inflate-stream.ts';
+
+// zlib clusters decode with the browser's native zlib (DecompressionStream) where it has deflate-raw; fflate stays the reference.
+if (streamInflateAvailable()) setRawInflateAsync(inflateRawStream);
 
 /**
  * The drivers a browser graph registers, protocols first; raw is always

@@ -9,7 +9,7 @@ import { BlockError, toBlockError } from '../../core/errors.ts';
 import { bdrvDebugEvent, bdrvPread, bdrvPreadv, bdrvPreadvSync, hasDebugListener } from '../../core/io.ts';
 import type { BlockNode } from '../../core/node.ts';
 import { getHostOffset, mapExtent, newHostMapping, parseCompressedEntry, SC, type HostMapping } from './cluster.ts';
-import { decompressCluster } from './compress.ts';
+import { decompressCluster, decompressClusterAsync, hasAsyncDecompress } from './compress.ts';
 import { corruption, state, type Qcow2State } from './state.ts';
 
 /** Reads one compressed cluster's data and copies the wanted part (QEMU's qcow2_co_preadv_compressed). */
@@ -23,6 +23,17 @@ export async function readCompressed(bs: BlockNode, s: Qcow2State, hi: number, l
     // A write that replaces a compressed cluster while this read waits bumps the epoch: what this read decoded is then not cached.
     const epoch = s.compressedEpoch;
     const src = await bdrvPread(bs.file!, coffset, size);
+    if (hasAsyncDecompress(s.header.compressionType)) {
+      try {
+        data = await decompressClusterAsync(s.header.compressionType, src, s.clusterSize);
+      } catch (e) {
+        throw new BlockError('EIO', toBlockError(e).message, { node: bs.nodeName, cause: e });
+      }
+      if (s.compressedEpoch === epoch) s.lastCompressed = { hi, lo, data };
+      const at = offset % s.clusterSize;
+      out.set(data.subarray(at, at + bytes));
+      return;
+    }
     // The previous cluster's buffer is reused: from here to the copy below nothing awaits, so no
     // other read can be holding it, and it is unlinked first so a failure cannot leave it half-written.
     const prev = s.lastCompressed?.data;
