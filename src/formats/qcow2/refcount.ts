@@ -163,6 +163,36 @@ export class RefcountState {
     const dv = new DataView(this.table.buffer, this.table.byteOffset, this.table.byteLength);
     dv.setUint32(8 * i, Math.floor(offset / 0x100000000));
     dv.setUint32(8 * i + 4, offset >>> 0);
+    this.tableVersion++;
+  }
+
+  /** Bumped by setTableEntry; with the table's identity it keys usedTable's answer. */
+  private tableVersion = 0;
+  private used: { table: Uint8Array; version: number; bytes: number } | null = null;
+
+  /**
+   * The table up to its last non-zero entry. Tables are allocated with room to
+   * grow, and the overlap check of every allocating write searches this part
+   * only: the zero tail names no block.
+   */
+  usedTable(): Uint8Array {
+    const t = this.table;
+    const u = this.used;
+    if (u && u.table === t && u.version === this.tableVersion) return t.subarray(0, u.bytes);
+    let bytes = t.length - (t.length % 8);
+    while (bytes > 0) {
+      let zero = true;
+      for (let k = bytes - 8; k < bytes; k++) {
+        if (t[k] !== 0) {
+          zero = false;
+          break;
+        }
+      }
+      if (!zero) break;
+      bytes -= 8;
+    }
+    this.used = { table: t, version: this.tableVersion, bytes };
+    return t.subarray(0, bytes);
   }
 
   /** Refcount block offset stored in table entry `i` (0 = none), with reserved bits masked off. */

@@ -158,6 +158,42 @@ describe('metadata overlap check', () => {
   });
 });
 
+describe('metadata overlap check on refcount blocks', () => {
+  it('catches a write over a refcount block named anywhere in the used part of the table, also after the table changes', async () => {
+    const img = `ovr${n++}.qcow2`;
+    qemuImg(tmp.dir, 'create', '-f', 'qcow2', img, '1M');
+    qemuIo(tmp.dir, img, 'write -P 1 0 64k');
+    const bytes = readFileSync(tmp.path(img));
+    const reftable = Number(bytes.readBigUInt64BE(48));
+    const refblock = Number(bytes.readBigUInt64BE(reftable));
+    const l1 = Number(bytes.readBigUInt64BE(40));
+    const l2 = Number(BigInt.asUintN(56, bytes.readBigUInt64BE(l1)) & 0xfffffffffffe00n);
+    // The first L2 entry now points at the refcount block, COPIED so the write goes there in place.
+    const fd = openSync(tmp.path(img), 'r+');
+    const entry = Buffer.alloc(8);
+    entry.writeBigUInt64BE((1n << 63n) | BigInt(refblock));
+    writeSync(fd, entry, 0, 8, l2);
+    closeSync(fd);
+    const o = await openQcow2(tmp.path(img), { readOnly: false });
+    o.graph.onWarning = () => undefined;
+    const s = o.bs.opaque as Qcow2State;
+    try {
+      // The searched part is the table up to its last block, and it follows in-memory table changes.
+      expect(s.refcount.usedTable().length).toBe(8);
+      const last = s.refcount.tableSize - 1;
+      s.refcount.setTableEntry(last, 0x7fff0000);
+      expect(s.refcount.usedTable().length).toBe(8 * (last + 1));
+      s.refcount.setTableEntry(last, 0);
+      expect(s.refcount.usedTable().length).toBe(8);
+      await expect(bdrvPwritev(o.child, 0, 512, new Uint8Array(512).fill(2))).rejects.toThrow(
+        'qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps with refcount block); further corruption events will be suppressed',
+      );
+    } finally {
+      await o.close();
+    }
+  });
+});
+
 describe('concurrent writes', () => {
   it('allocating writes racing into the same clusters all land (COW from a backing file)', async () => {
     const base = `cb${n++}.qcow2`;

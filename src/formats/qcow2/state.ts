@@ -250,7 +250,7 @@ export function metadataOverlap(s: Qcow2State, ign: number, offset: number, size
   const hi = offset + size;
   const find = tableSearchKernel();
   if (chk & OL.ACTIVE_L2 && find.findInRange(s.l1.subarray(0, 8 * s.mapping.l1Size), L1E_MASK_HI, L1E_MASK_LO, lo, hi) >= 0) return OL.ACTIVE_L2;
-  if (chk & OL.REFCOUNT_BLOCK && find.findInRange(s.refcount.table, 0xffffffff, REFT_MASK_LO, lo, hi) >= 0) return OL.REFCOUNT_BLOCK;
+  if (chk & OL.REFCOUNT_BLOCK && find.findInRange(s.refcount.usedTable(), 0xffffffff, REFT_MASK_LO, lo, hi) >= 0) return OL.REFCOUNT_BLOCK;
   if (chk & OL.BITMAP_DIRECTORY && s.ext.bitmaps && overlapsWith(offset, size, s.ext.bitmaps.directoryOffset, s.ext.bitmaps.directorySize)) {
     return OL.BITMAP_DIRECTORY;
   }
