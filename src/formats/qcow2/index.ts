@@ -564,9 +564,11 @@ async function detectMetadataPreallocation(bs: BlockNode, s: Qcow2State): Promis
   const realClusters = Math.floor(realAllocation / s.clusterSize);
   const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
   const endCluster = Math.ceil(fileLength / s.clusterSize);
+  // Block by block with the kernel's count: the answer depends only on whether the count reaches the threshold.
   let count = 0;
-  for (let i = 0; i < endCluster && count < threshold; i++) {
-    if ((await s.refcount.get(i)) !== 0) count++;
+  const E = s.refcount.blockEntries;
+  for (let b = 0; b * E < endCluster && count < threshold; b++) {
+    count += await s.refcount.countNonZero(b, endCluster - b * E);
   }
   return count >= threshold;
 }

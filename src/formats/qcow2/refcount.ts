@@ -32,6 +32,8 @@ export interface RefcountKernel {
   findZero(block: Uint8Array, from: number, to: number, order: number): number;
   /** Index of the first entry in [from, to) whose refcount is not 0, or `to` when all are 0. */
   findNonZero(block: Uint8Array, from: number, to: number, order: number): number;
+  /** Number of entries in [start, start + count) whose refcount is not 0. */
+  countNonZero(block: Uint8Array, start: number, count: number, order: number): number;
 }
 
 /** The JS reference implementation of RefcountKernel. */
@@ -113,6 +115,11 @@ export const jsRefcountKernel: RefcountKernel = {
     }
     for (let i = from; i < to; i++) if (jsRefcountKernel.get(block, i, order) !== 0) return i;
     return to;
+  },
+  countNonZero(block, start, count, order) {
+    let n = 0;
+    for (let i = start; i < start + count; i++) if (jsRefcountKernel.get(block, i, order) !== 0) n++;
+    return n;
   },
 };
 
@@ -212,15 +219,26 @@ export class RefcountState {
    */
   async get(clusterIndex: number): Promise<number> {
     const tableIndex = Math.floor(clusterIndex / this.blockEntries);
-    if (tableIndex >= this.tableSize) return 0;
+    const block = await this.block(tableIndex);
+    return block ? kernel.get(block, clusterIndex % this.blockEntries, this.order) : 0;
+  }
+
+  /** How many of the `count` clusters from the first one block `tableIndex` counts have a refcount other than 0 (one kernel call). */
+  async countNonZero(tableIndex: number, count: number): Promise<number> {
+    const block = await this.block(tableIndex);
+    return block ? kernel.countNonZero(block, 0, Math.min(count, this.blockEntries), this.order) : 0;
+  }
+
+  /** Refcount block `tableIndex` through the cache, or null when the table has none there; EIO for a misaligned offset. */
+  private async block(tableIndex: number): Promise<Uint8Array | null> {
+    if (tableIndex >= this.tableSize) return null;
     const blockOffset = this.tableEntry(tableIndex);
-    if (blockOffset === 0) return 0;
+    if (blockOffset === 0) return null;
     const clusterSize = 2 ** this.clusterBits;
     if (!Number.isFinite(blockOffset) || blockOffset % clusterSize !== 0) {
       throw new BlockError('EIO', `qcow2: Image is corrupt: Refblock offset ${Number.isFinite(blockOffset) ? hex(blockOffset) : 'beyond 2^53'} unaligned (reftable index: ${hex(tableIndex)})`);
     }
-    const block = await this.cache.get(blockOffset, (buf) => bdrvPreadv(this.file, blockOffset, buf.length, buf));
-    return kernel.get(block, clusterIndex % this.blockEntries, this.order);
+    return this.cache.get(blockOffset, (buf) => bdrvPreadv(this.file, blockOffset, buf.length, buf));
   }
 }
 

@@ -9,6 +9,7 @@ import { computeCacheSizes, MetadataCache } from './cache.ts';
 import { jsL2Kernel, newL2Scan, SC, type L2Geometry } from './cluster.ts';
 import { compressCluster, decompressCluster, decompressClusterAsync, hasAsyncDecompress, setRawInflate, setRawInflateAsync, type RawInflate } from './compress.ts';
 import { inflateRawStream, streamInflateAvailable } from '../../inflate-stream.ts';
+import { currentKernels } from '../../kernels/index.ts';
 import { COMPRESSION_TYPE, parseExtensions, parseHeader, serializeHeader, type Qcow2Extensions, type Qcow2Header } from './header.ts';
 import { jsRefcountKernel, refcountMetadataSize } from './refcount.ts';
 
@@ -42,6 +43,10 @@ describe('refcount kernel', () => {
         for (let i = from; i < to; i++) if (jsRefcountKernel.get(block, i, order) !== 0) { nonzero = i; break; }
         expect(jsRefcountKernel.findZero(block, from, to, order)).toBe(zero);
         expect(jsRefcountKernel.findNonZero(block, from, to, order)).toBe(nonzero);
+        let count = 0;
+        for (let i = from; i < to; i++) if (jsRefcountKernel.get(block, i, order) !== 0) count++;
+        expect(jsRefcountKernel.countNonZero(block, from, to - from, order)).toBe(count);
+        expect(currentKernels().refcount.countNonZero(block, from, to - from, order)).toBe(count);
       }),
     );
   });
