@@ -288,20 +288,33 @@ function serialisingOverlap(bs: BlockNode, offset: number, bytes: number): boole
 export function bdrvPreadvSync(child: BdrvChild, offset: number, bytes: number, buf: Uint8Array): boolean {
   const bs = child.bs;
   const drv = bs.drv;
-  if (drv.preadvSync === undefined) return false;
+  return (
+    drv.preadvSync !== undefined &&
+    plainRead(bs, offset, bytes, buf) &&
+    !serialisingOverlap(bs, offset, bytes) &&
+    drv.preadvSync(bs, offset, bytes, buf.length === bytes ? buf : buf.subarray(0, bytes))
+  );
+}
+
+/**
+ * Whether a read needs none of the general path: inside the node, aligned,
+ * within max_transfer, into a big enough buffer, with no copy-on-read and the
+ * node open (the shared test of the fast and synchronous read paths).
+ */
+function plainRead(bs: BlockNode, offset: number, bytes: number, buf: Uint8Array): boolean {
   const align = bs.bl.requestAlignment;
   return (
     bytes > 0 &&
     !bs.closing &&
     bs.copyOnRead === 0 &&
+    Number.isInteger(offset) &&
+    Number.isInteger(bytes) &&
     offset >= 0 &&
     isAligned(offset, align) &&
     isAligned(bytes, align) &&
     offset + bytes <= (bdrvGetLengthSync(bs) ?? -1) &&
     buf.length >= bytes &&
-    (bs.bl.maxTransfer <= 0 || bytes <= (alignDown(bs.bl.maxTransfer, align) || align)) &&
-    !serialisingOverlap(bs, offset, bytes) &&
-    drv.preadvSync(bs, offset, bytes, buf.length === bytes ? buf : buf.subarray(0, bytes))
+    (bs.bl.maxTransfer <= 0 || bytes <= (alignDown(bs.bl.maxTransfer, align) || align))
   );
 }
 
@@ -333,23 +346,7 @@ function fastReadDone(bs: BlockNode, req: TrackedRequest): void {
 export function bdrvPreadv(child: BdrvChild, offset: number, bytes: number, buf: Uint8Array, flags = 0, signal?: AbortSignal): Promise<void> {
   const bs = child.bs;
   const drv = bs.drv;
-  const align = bs.bl.requestAlignment;
-  if (
-    bytes > 0 &&
-    !bs.closing &&
-    !(flags & REQ.COPY_ON_READ) &&
-    bs.copyOnRead === 0 &&
-    drv.preadv !== undefined &&
-    Number.isInteger(offset) &&
-    Number.isInteger(bytes) &&
-    offset >= 0 &&
-    isAligned(offset, align) &&
-    isAligned(bytes, align) &&
-    offset + bytes <= (bdrvGetLengthSync(bs) ?? -1) &&
-    buf.length >= bytes &&
-    (bs.bl.maxTransfer <= 0 || bytes <= (alignDown(bs.bl.maxTransfer, align) || align)) &&
-    !signal?.aborted
-  ) {
+  if (!(flags & REQ.COPY_ON_READ) && drv.preadv !== undefined && plainRead(bs, offset, bytes, buf) && !signal?.aborted) {
     if (drv.preadvSync !== undefined && flags === 0 && !serialisingOverlap(bs, offset, bytes)) {
       // Done on this thread: nothing can start or observe the node meanwhile, so it needs no tracking.
       try {

@@ -397,18 +397,25 @@ async function calculate(c: Ctx): Promise<void> {
   }
 }
 
-/** Stored refcount of cluster `k`, or -1 after reporting why it cannot be read. */
-async function storedRefcount(c: Ctx, k: number): Promise<number> {
+/** Where cluster `k`'s refcount is stored (its block's offset, and the index there), or the answer without one: 0 when no block counts it, -1 for a misaligned block offset. */
+function refcountSlot(c: Ctx, k: number): { off: number; index: number } | number {
   const s = c.s;
   const E = s.refcount.blockEntries;
   const b = Math.floor(k / E);
   if (b >= s.refcount.tableSize) return 0;
   const off = s.refcount.tableEntry(b);
   if (off === 0) return 0;
-  if (!Number.isFinite(off) || off % s.clusterSize !== 0) return -1;
+  if (!Number.isFinite(off) || off !== Math.floor(off / s.clusterSize) * s.clusterSize) return -1;
+  return { off, index: k - b * E };
+}
+
+/** Stored refcount of cluster `k`, or -1 after reporting why it cannot be read. */
+async function storedRefcount(c: Ctx, k: number): Promise<number> {
+  const slot = refcountSlot(c, k);
+  if (typeof slot === 'number') return slot;
   try {
-    const block = await loadRefblock(s, off);
-    return refcountKernel().get(block, k - b * E, s.refcount.order);
+    const block = await loadRefblock(c.s, slot.off);
+    return refcountKernel().get(block, slot.index, c.s.refcount.order);
   } catch (e) {
     c.log(`Can't get refcount for cluster ${k}: ${toBlockError(e).message}`);
     c.res.checkErrors++;
@@ -422,15 +429,10 @@ async function storedRefcount(c: Ctx, k: number): Promise<number> {
  * the common case in one turn and await only for a block's first load.
  */
 function storedRefcountCached(c: Ctx, k: number): number | undefined {
-  const s = c.s;
-  const E = s.refcount.blockEntries;
-  const b = Math.floor(k / E);
-  if (b >= s.refcount.tableSize) return 0;
-  const off = s.refcount.tableEntry(b);
-  if (off === 0) return 0;
-  if (!Number.isFinite(off) || off !== Math.floor(off / s.clusterSize) * s.clusterSize) return undefined;
-  const block = s.refcountCache.lookup(off);
-  return block ? refcountKernel().get(block, k - b * E, s.refcount.order) : undefined;
+  const slot = refcountSlot(c, k);
+  if (typeof slot === 'number') return slot < 0 ? undefined : slot;
+  const block = c.s.refcountCache.lookup(slot.off);
+  return block ? refcountKernel().get(block, slot.index, c.s.refcount.order) : undefined;
 }
 
 /** QEMU's compare_refcounts: stored versus counted, fixing in place what `fix` allows. Returns the highest cluster in use. */
