@@ -102,23 +102,25 @@ export function rateSync(fn: () => unknown, opsPerCall = 1, minMs = 200): number
 }
 
 /**
- * Measures ours and the baseline in alternating rounds (so drift in the
- * machine's state hits both alike) and returns the median of each.
+ * Measures ours and the baseline in alternating rounds and returns the pair
+ * of the round whose ratio is the median: each round's two runs see the
+ * machine in the same state, so a paired ratio cancels drift (a neighbour's
+ * load, the host's memory bandwidth) that would skew independent medians.
  */
 export async function interleave(rounds: number, ours: () => Promise<number> | number, baseline: () => Promise<number> | number): Promise<[number, number]> {
-  const a: number[] = [];
-  const b: number[] = [];
+  const pairs: [number, number][] = [];
   for (let i = 0; i < rounds; i++) {
     // Alternate who goes first as well.
     if (i % 2 === 0) {
-      a.push(await ours());
-      b.push(await baseline());
+      const a = await ours();
+      pairs.push([a, await baseline()]);
     } else {
-      b.push(await baseline());
-      a.push(await ours());
+      const b = await baseline();
+      pairs.push([await ours(), b]);
     }
   }
-  return [median(a), median(b)];
+  pairs.sort((x, y) => x[0] / x[1] - y[0] / y[1]);
+  return pairs[(pairs.length - 1) >> 1]!;
 }
 
 /** A row comparing two rates (higher is better). */

@@ -53,7 +53,7 @@ function l2Slice(entries: number, fragmented: boolean, extended = false): Uint8A
 
 /** Kernel-vs-reference rows for every kernel family. */
 export async function kernelRows(wasm: Kernels, ref: Kernels, opts: KernelBenchOptions = {}): Promise<Row[]> {
-  const rounds = opts.rounds ?? 3;
+  const rounds = opts.rounds ?? 5;
   const minMs = opts.minMs ?? 150;
   const rows: Row[] = [];
   const G = 'kernel vs reference';

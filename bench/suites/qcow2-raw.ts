@@ -71,7 +71,7 @@ export async function qcow2VsRawRows(opts: Qcow2BenchOptions = {}): Promise<Row[
     const rows: Row[] = [];
     for (const st of nodeStorages(dir)) {
       try {
-        rows.push(...(await ioCases(st, { raw, qcow2, text, comp, emptyRaw, emptyQcow2 }, dataMiB * M, { rounds: opts.quick ? 1 : 3, open })));
+        rows.push(...(await ioCases(st, { raw, qcow2, text, comp, emptyRaw, emptyQcow2 }, dataMiB * M, { rounds: opts.quick ? 1 : 5, minMs: 300, open })));
       } finally {
         await st.cleanup();
       }

@@ -196,7 +196,13 @@ export interface KernelBuffer {
 export function kernelBuffer(bytes: number): KernelBuffer {
   const host = loaded?.host;
   if (host?.shared && bytes > 0) {
-    const ptr = host.alloc(bytes);
+    let ptr: number;
+    try {
+      ptr = host.alloc(bytes);
+    } catch {
+      // Linear memory is full: ordinary memory works too, the kernels just copy from it.
+      return { buf: new Uint8Array(bytes), release: () => undefined };
+    }
     let live = true;
     return {
       buf: host.view(ptr, bytes),

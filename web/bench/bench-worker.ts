@@ -70,7 +70,8 @@ self.onmessage = async (e: MessageEvent<EngineSuiteRequest>) => {
           { raw: img('data.raw'), qcow2: img('data.qcow2'), text: img('text.raw'), comp: img('comp.qcow2'), emptyRaw: img('empty.raw'), emptyQcow2: img('empty.qcow2') },
           config.dataMiB * 2 ** 20,
           {
-            rounds: config.quick ? 1 : 3,
+            rounds: config.quick ? 1 : 5,
+            minMs: 300,
             open: (options, readOnly) => BlockBackend.open(new Graph({ drivers: browserDrivers(), defaultProtocol: 'opfs' }), options, { readOnly }),
           },
         )),
