@@ -34,14 +34,15 @@ export function isZero(ptr: usize, len: usize): bool {
   // Unaligned head: one vector at ptr, then continue from the next 16-byte boundary.
   if (v128.any_true(v128.load(ptr))) return false;
   let p = (ptr + 16) & ~(<usize>15);
-  // 128 bytes per test: eight loads ORed together keep the loads busy and the branches few.
-  while (end - p >= 128) {
-    const a = v128.or(v128.load(p), v128.load(p, 16));
-    const b = v128.or(v128.load(p, 32), v128.load(p, 48));
-    const c = v128.or(v128.load(p, 64), v128.load(p, 80));
-    const d = v128.or(v128.load(p, 96), v128.load(p, 112));
+  // 256 bytes per test: sixteen loads ORed together keep the loads busy and the branches few
+  // (measured a few percent over 128 bytes per test on a 64 KiB cluster).
+  while (end - p >= 256) {
+    const a = v128.or(v128.or(v128.load(p), v128.load(p, 16)), v128.or(v128.load(p, 32), v128.load(p, 48)));
+    const b = v128.or(v128.or(v128.load(p, 64), v128.load(p, 80)), v128.or(v128.load(p, 96), v128.load(p, 112)));
+    const c = v128.or(v128.or(v128.load(p, 128), v128.load(p, 144)), v128.or(v128.load(p, 160), v128.load(p, 176)));
+    const d = v128.or(v128.or(v128.load(p, 192), v128.load(p, 208)), v128.or(v128.load(p, 224), v128.load(p, 240)));
     if (v128.any_true(v128.or(v128.or(a, b), v128.or(c, d)))) return false;
-    p += 128;
+    p += 256;
   }
   while (end - p >= 16) {
     if (v128.any_true(v128.load(p))) return false;
