@@ -74,10 +74,10 @@ export function wasmZeroOps(host: WasmHost): ZeroOps {
     return false;
   };
 
-  /** Cheap JS look at the first bytes: data that is not zero usually says so at once, which saves copying a whole chunk. */
-  const headHasData = (buf: Uint8Array): boolean => {
-    const n = Math.min(buf.length, 16);
-    for (let i = 0; i < n; i++) if (buf[i] !== 0) return true;
+  /** Cheap JS look at the first bytes of buf[from, end): data that is not zero usually says so at once, which saves copying a whole chunk. */
+  const headHasData = (buf: Uint8Array, from = 0, end = buf.length): boolean => {
+    const n = Math.min(end, from + 16);
+    for (let i = from; i < n; i++) if (buf[i] !== 0) return true;
     return false;
   };
 
@@ -137,15 +137,7 @@ export function wasmZeroOps(host: WasmHost): ZeroOps {
       // whole, so a chunk of data without zero blocks (convert's common case) is never copied in.
       for (let off = 0; off < buf.length; off += unit) {
         const end = Math.min(off + unit, buf.length);
-        const probe = Math.min(off + 16, end);
-        let data = false;
-        for (let i = off; i < probe; i++) {
-          if (buf[i] !== 0) {
-            data = true;
-            break;
-          }
-        }
-        if (!data && isZero(buf.subarray(off, end))) return off;
+        if (!headHasData(buf, off, end) && isZero(buf.subarray(off, end))) return off;
       }
       return -1;
     },

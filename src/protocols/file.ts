@@ -233,10 +233,38 @@ let syncIo = false;
  */
 export function setFileSyncIo(on: boolean): void {
   syncIo = on;
+  // The synchronous read hook exists only in this mode, so formats above an asynchronous file
+  // see at once that only preadv can serve them (and map nothing twice).
+  fileDriver.preadvSync = on ? readNow : undefined;
 }
 
 /** Requests up to this size go synchronous under setFileSyncIo; larger ones keep the thread pool, where the hand-off is noise and reads and writes of parallel requests overlap. */
 const SYNC_IO_MAX = 256 * 1024;
+
+/** The synchronous read (the driver's preadvSync under setFileSyncIo): false, having done nothing, when not in that mode or above SYNC_IO_MAX. */
+function readNow(bs: BlockNode, offset: number, bytes: number, buf: Uint8Array): boolean {
+  if (!syncIo || bytes > SYNC_IO_MAX) return false;
+  const st = state(bs);
+  st.stats.reads++;
+  st.stats.bytesRead += bytes;
+  const ref = st.handle;
+  const fh = ref.acquire();
+  let done = 0;
+  try {
+    while (done < bytes) {
+      const n = readSync(fh.fd, buf, done, bytes - done, offset + done);
+      if (n === 0) break;
+      done += n;
+    }
+  } catch (e) {
+    throw ioError(e, bs.nodeName);
+  } finally {
+    ref.release();
+  }
+  // A short read means EOF: the rest reads as zeroes (file-posix's handle_aiocb_rw).
+  if (done < bytes) buf.fill(0, done, bytes);
+  return true;
+}
 
 async function withHandle<T>(bs: BlockNode, fn: (fh: FileHandle) => Promise<T>): Promise<T> {
   const ref = state(bs).handle;
@@ -326,7 +354,7 @@ export const fileDriver: BlockDriver = {
 
   async preadv(bs, offset, bytes, buf, _flags, signal) {
     throwIfAborted(signal);
-    if (fileDriver.preadvSync!(bs, offset, bytes, buf)) return;
+    if (readNow(bs, offset, bytes, buf)) return;
     const st = state(bs);
     st.stats.reads++;
     st.stats.bytesRead += bytes;
@@ -344,30 +372,6 @@ export const fileDriver: BlockDriver = {
       // A short read means EOF: the rest reads as zeroes (file-posix's handle_aiocb_rw).
       if (done < bytes) buf.fill(0, done, bytes);
     });
-  },
-
-  preadvSync(bs, offset, bytes, buf) {
-    if (!syncIo || bytes > SYNC_IO_MAX) return false;
-    const st = state(bs);
-    st.stats.reads++;
-    st.stats.bytesRead += bytes;
-    const ref = st.handle;
-    const fh = ref.acquire();
-    let done = 0;
-    try {
-      while (done < bytes) {
-        const n = readSync(fh.fd, buf, done, bytes - done, offset + done);
-        if (n === 0) break;
-        done += n;
-      }
-    } catch (e) {
-      throw ioError(e, bs.nodeName);
-    } finally {
-      ref.release();
-    }
-    // A short read means EOF: the rest reads as zeroes (file-posix's handle_aiocb_rw).
-    if (done < bytes) buf.fill(0, done, bytes);
-    return true;
   },
 
   async pwritev(bs, offset, bytes, buf, _flags, signal) {

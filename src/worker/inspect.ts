@@ -33,7 +33,7 @@ import type { OptionSpec } from '../core/options.ts';
 import { readPartitionTable, type PartitionTable } from '../core/partitions.ts';
 import { PERM } from '../core/types.ts';
 import { pathCombine } from '../core/img/gate.ts';
-import { hostLayout, inspectHeader, readHeader, readL1, readL2, readRefcounts, readStoredBitmap, requireQcow2, type StoredBitmapView, type HostExtent, type L1EntryView, type L2EntryView, type Qcow2HeaderView } from '../formats/qcow2/inspect.ts';
+import { dirtyRuns, hostLayout, inspectHeader, readHeader, readL1, readL2, readRefcounts, readStoredBitmap, requireQcow2, type StoredBitmapView, type HostExtent, type L1EntryView, type L2EntryView, type Qcow2HeaderView } from '../formats/qcow2/inspect.ts';
 import { httpStats, type HttpStats } from '../protocols/http.ts';
 import { protocolOf, type EngineHost } from './host.ts';
 import { JobBackend, runJob, type Job, type ProgressSink } from './jobs.ts';
@@ -45,8 +45,6 @@ export type { HttpStats } from '../protocols/http.ts';
 
 /** Largest host read the hex view may ask for at once. */
 const MAX_HOST_READ = 1 << 20;
-/** Most dirty runs of a bitmap returned per call. */
-const MAX_DIRTY_RUNS = 65536;
 /** Most table entries returned per call. */
 const MAX_ENTRIES = 65536;
 
@@ -479,18 +477,7 @@ export class InspectService {
     // The open image's own bitmap is the current one (the file's copy is stale while the image is open read-write).
     const live = bdrvFindDirtyBitmap(this.layerNode(id, layer), name);
     if (live) {
-      const runs: Array<[number, number]> = [];
-      let truncated = false;
-      for (let pos = 0; pos < live.size; ) {
-        const a = live.hbitmap.nextDirtyArea(pos, live.size);
-        if (!a) break;
-        if (runs.length === MAX_DIRTY_RUNS) {
-          truncated = true;
-          break;
-        }
-        runs.push([a.offset, a.bytes]);
-        pos = a.offset + a.bytes;
-      }
+      const { runs, truncated } = dirtyRuns(live.hbitmap, live.size);
       const flags: string[] = [];
       if (live.inconsistent) flags.push('in-use');
       if (live.enabled) flags.push('auto');

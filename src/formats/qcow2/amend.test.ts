@@ -9,7 +9,7 @@ import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { amendImage } from '../../core/img/amend.ts';
 import { HintedError } from '../../core/img/create.ts';
-import { openQcow2, qemuImg, qemuIo, requireQemu, scratchDir } from './testing.ts';
+import { openQcow2, qemuImg, qemuIo, requireQemu, scratchDir, qemuSame } from './testing.ts';
 
 const tmp = scratchDir();
 beforeAll(() => requireQemu());
@@ -27,15 +27,6 @@ function specific(img: string): Record<string, unknown> {
 
 function checkClean(img: string): void {
   expect(qemuImg(tmp.dir, 'check', img)).toMatch(/No errors were found on the image/);
-}
-
-function same(a: string, b: string): boolean {
-  try {
-    qemuImg(tmp.dir, 'compare', '-U', a, b);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 /** Guest bytes of snapshot `sn` of `img`. */
@@ -79,7 +70,7 @@ async function preserving(img: string, snapshots: string[], fn: (copy: string) =
   copyFileSync(tmp.path(img), tmp.path(copy));
   await fn(copy);
   checkClean(copy);
-  expect(same(img, copy)).toBe(true);
+  expect(qemuSame(tmp.dir, img, copy)).toBe(true);
   for (const sn of snapshots) expect(snapshotBytes(copy, sn).equals(snapshotBytes(img, sn))).toBe(true);
   return copy;
 }
@@ -214,7 +205,7 @@ describe('qcow2 amend: compat', () => {
       await expect(amend(img, options)).rejects.toThrow(message);
       checkClean(img);
       expect(specific(img).compat).toBe('1.1');
-      expect(same(img, before)).toBe(true);
+      expect(qemuSame(tmp.dir, img, before)).toBe(true);
     }
     const zstd = `z${n++}.qcow2`;
     qemuImg(tmp.dir, 'create', '-q', '-f', 'qcow2', '-o', 'compression_type=zstd', zstd, '1M');
@@ -253,7 +244,7 @@ describe('qcow2 amend: other options', () => {
     const theirs = `${img}.theirs.qcow2`;
     copyFileSync(tmp.path(img), tmp.path(theirs));
     qemuImg(tmp.dir, 'amend', '-o', 'size=8M', theirs);
-    expect(same(grown, theirs)).toBe(true);
+    expect(qemuSame(tmp.dir, grown, theirs)).toBe(true);
     for (const sn of ['s1', 's2']) expect(snapshotBytes(grown, sn).equals(snapshotBytes(theirs, sn))).toBe(true);
     const shrunk = `${img}.shrunk.qcow2`;
     copyFileSync(tmp.path(img), tmp.path(shrunk));

@@ -62,6 +62,17 @@ function withErrno(what: string, e: unknown): BlockError {
   return new BlockError(be.code, `${what}: ${STRERROR[be.code]}`, { cause: e });
 }
 
+/** Puts every cached table and refcount on disk and clears the dirty bit (QEMU's qcow2_mark_clean after a flush), failing in amend's words. */
+async function makeClean(s: Qcow2State): Promise<void> {
+  try {
+    await writeback(s);
+    await barrier(s);
+    await markClean(s);
+  } catch (e) {
+    throw withErrno('Failed to make the image clean', e);
+  }
+}
+
 /** The driver's amend (QEMU's qcow2_amend_options). */
 export async function qcow2Amend(bs: BlockNode, opts: CreateOptions, _force: boolean, progress?: ProgressFn): Promise<void> {
   const s = state(bs);
@@ -178,13 +189,7 @@ export async function qcow2Amend(bs: BlockNode, opts: CreateOptions, _force: boo
         s.lazyRefcounts = true;
       } else {
         // Refcounts must be exact on disk before the image may claim they always are.
-        try {
-          await writeback(s);
-          await barrier(s);
-          await markClean(s);
-        } catch (e) {
-          throw withErrno('Failed to make the image clean', e);
-        }
+        await makeClean(s);
         h.compatibleFeatures &= ~COMPAT.LAZY_REFCOUNTS;
         try {
           await writeHeaderRaw(s);
@@ -254,15 +259,7 @@ async function downgrade(s: Qcow2State, target: number, status: (offset: number,
   for (const sn of s.snapshots) {
     if (sn.vmStateSize > 0xffffffff || sn.diskSize !== bs.totalBytes) throw new BlockError('ENOTSUP', 'Internal snapshots prevent downgrade of image');
   }
-  if (h.incompatibleFeatures & INCOMPAT.DIRTY) {
-    try {
-      await writeback(s);
-      await barrier(s);
-      await markClean(s);
-    } catch (e) {
-      throw withErrno('Failed to make the image clean', e);
-    }
-  }
+  if (h.incompatibleFeatures & INCOMPAT.DIRTY) await makeClean(s);
   const leftover = h.incompatibleFeatures & ~INCOMPAT.COMPRESSION;
   if (leftover) throw new BlockError('ENOTSUP', `Cannot downgrade an image with incompatible features 0x${leftover.toString(16)} set`);
   h.compatibleFeatures = 0n;

@@ -9,7 +9,7 @@ import { bdrvIsAllocated } from '../../core/io.ts';
 import { EXT, parseExtensions, parseHeader, extensionsEnd } from './header.ts';
 import { canRebuildEmpty } from './make-empty.ts';
 import { state } from './state.ts';
-import { openQcow2, qemuImg, qemuIo, requireQemu, scratchDir } from './testing.ts';
+import { openQcow2, qemuImg, qemuIo, requireQemu, scratchDir, qemuSame } from './testing.ts';
 
 const tmp = scratchDir();
 beforeAll(() => requireQemu());
@@ -25,16 +25,6 @@ function info(img: string): Record<string, unknown> {
 function checkClean(img: string): void {
   const spec = JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: tmp.path(img) }, backing: null });
   expect(qemuImg(tmp.dir, 'check', `json:${spec}`)).toMatch(/No errors were found on the image/);
-}
-
-/** Whether qemu-img compare calls the two images identical. */
-function same(a: string, b: string): boolean {
-  try {
-    qemuImg(tmp.dir, 'compare', '-U', a, b);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 /** Extension magics in the order the first cluster holds them. */
@@ -172,7 +162,7 @@ describe('qcow2 makeEmpty', () => {
     const { top, base } = chain();
     expect(await empty(top)).toBe(true);
     checkClean(top);
-    expect(same(top, base)).toBe(true);
+    expect(qemuSame(tmp.dir, top, base)).toBe(true);
     // Header, refcount table, refcount block and the L1 table are all that is left.
     expect(statSync(tmp.path(top)).size).toBe(4 * 65536);
     expect(qemuImg(tmp.dir, 'map', '--output=json', top)).not.toMatch(/"depth": 0/);
@@ -186,7 +176,7 @@ describe('qcow2 makeEmpty', () => {
     expect(await empty(top)).toBe(true);
     expect((info(top)['dirty-flag'] as boolean | undefined) ?? false).toBe(false);
     checkClean(top);
-    expect(same(top, base)).toBe(true);
+    expect(qemuSame(tmp.dir, top, base)).toBe(true);
   });
 
   it('discards instead when QEMU-made snapshots hold clusters, and the snapshot keeps its data', async () => {
@@ -196,7 +186,7 @@ describe('qcow2 makeEmpty', () => {
     qemuImg(tmp.dir, 'convert', '-l', 's1', '-O', 'raw', top, `${top}.s1.raw`);
     expect(await empty(top)).toBe(false);
     checkClean(top);
-    expect(same(top, base)).toBe(true);
+    expect(qemuSame(tmp.dir, top, base)).toBe(true);
     qemuImg(tmp.dir, 'convert', '-l', 's1', '-O', 'raw', top, `${top}.s1.after.raw`);
     expect(readFileSync(tmp.path(`${top}.s1.after.raw`)).equals(readFileSync(tmp.path(`${top}.s1.raw`)))).toBe(true);
   });
@@ -211,7 +201,7 @@ describe('qcow2 makeEmpty', () => {
       const { top, base } = chain(opts, writes);
       expect(await empty(top)).toBe(fast);
       checkClean(top);
-      expect(same(top, base)).toBe(true);
+      expect(qemuSame(tmp.dir, top, base)).toBe(true);
     }
   });
 

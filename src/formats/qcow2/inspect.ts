@@ -538,10 +538,23 @@ export function requireQcow2(format: string, node: string): void {
   if (format !== 'qcow2') throw new BlockError('ENOTSUP', `'${node}' is a ${format} image; only qcow2 images have L1/L2 and refcount tables`, { node });
 }
 
-/** Most dirty runs a stored bitmap is listed in (an alternating bitmap over a huge disk is cut off there). */
+/** Most dirty runs a bitmap is listed in (an alternating bitmap over a huge disk is cut off there). */
 const MAX_DIRTY_RUNS = 65536;
 /** Largest bitmap read for display: 2^31 bits (256 MiB of bits), e.g. 128 TiB at 64 KiB granularity. */
 const MAX_BITMAP_BITS = 2 ** 31;
+
+/** The dirty areas of `bm` below `size` as [offset, length] runs, at most MAX_DIRTY_RUNS of them (`truncated` when more exist). */
+export function dirtyRuns(bm: HBitmap, size: number): { runs: Array<[number, number]>; truncated: boolean } {
+  const runs: Array<[number, number]> = [];
+  for (let pos = 0; pos < size; ) {
+    const a = bm.nextDirtyArea(pos, size);
+    if (!a) break;
+    if (runs.length === MAX_DIRTY_RUNS) return { runs, truncated: true };
+    runs.push([a.offset, a.bytes]);
+    pos = a.offset + a.bytes;
+  }
+  return { runs, truncated: false };
+}
 
 /** A persistent dirty bitmap as stored in the image file. */
 export interface StoredBitmapView {
@@ -589,18 +602,7 @@ export async function readStoredBitmap(file: BdrvChild, h: Qcow2Header, ext: Qco
       }
       bm.deserializeChunk(i, cs, await bdrvPread(file, off, cs));
     }
-    const runs: Array<[number, number]> = [];
-    let truncated = false;
-    for (let pos = 0; pos < h.size; ) {
-      const a = bm.nextDirtyArea(pos, h.size);
-      if (!a) break;
-      if (runs.length === MAX_DIRTY_RUNS) {
-        truncated = true;
-        break;
-      }
-      runs.push([a.offset, a.bytes]);
-      pos = a.offset + a.bytes;
-    }
+    const { runs, truncated } = dirtyRuns(bm, h.size);
     return { name, granularity, flags: info!.flags, runs, dirtyBytes: Math.min(bm.count(), h.size), truncated };
   } finally {
     bm.dispose();

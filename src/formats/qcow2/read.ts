@@ -23,24 +23,19 @@ export async function readCompressed(bs: BlockNode, s: Qcow2State, hi: number, l
     // A write that replaces a compressed cluster while this read waits bumps the epoch: what this read decoded is then not cached.
     const epoch = s.compressedEpoch;
     const src = await bdrvPread(bs.file!, coffset, size);
-    if (hasAsyncDecompress(s.header.compressionType)) {
-      try {
-        data = await decompressClusterAsync(s.header.compressionType, src, s.clusterSize);
-      } catch (e) {
-        throw new BlockError('EIO', toBlockError(e).message, { node: bs.nodeName, cause: e });
-      }
-      if (s.compressedEpoch === epoch) s.lastCompressed = { hi, lo, data };
-      const at = offset % s.clusterSize;
-      out.set(data.subarray(at, at + bytes));
-      return;
-    }
-    // The previous cluster's buffer is reused: from here to the copy below nothing awaits, so no
-    // other read can be holding it, and it is unlinked first so a failure cannot leave it half-written.
-    const prev = s.lastCompressed?.data;
-    data = prev && prev.length === s.clusterSize ? prev : new Uint8Array(s.clusterSize);
-    delete s.lastCompressed;
+    const type = s.header.compressionType;
     try {
-      decompressCluster(s.header.compressionType, src, data);
+      if (hasAsyncDecompress(type)) {
+        // Decoded into a buffer of its own: other reads run while it waits.
+        data = await decompressClusterAsync(type, src, s.clusterSize);
+      } else {
+        // The previous cluster's buffer is reused: from here to the copy below nothing awaits, so no
+        // other read can be holding it, and it is unlinked first so a failure cannot leave it half-written.
+        const prev = s.lastCompressed?.data;
+        data = prev && prev.length === s.clusterSize ? prev : new Uint8Array(s.clusterSize);
+        delete s.lastCompressed;
+        decompressCluster(type, src, data);
+      }
     } catch (e) {
       throw new BlockError('EIO', toBlockError(e).message, { node: bs.nodeName, cause: e });
     }
@@ -125,6 +120,8 @@ export function qcow2Preadv(bs: BlockNode, offset: number, bytes: number, buf: U
  */
 export function qcow2PreadvSync(bs: BlockNode, offset: number, bytes: number, buf: Uint8Array): boolean {
   const s = state(bs);
+  // Data files that cannot read synchronously (a file in asynchronous mode) are known before any mapping is done.
+  if (s.dataFile.bs.drv.preadvSync === undefined) return false;
   const m = fastMapping;
   const pending = mapExtent(s.mapping, offset, bytes, m);
   if (pending) {

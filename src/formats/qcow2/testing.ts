@@ -50,6 +50,16 @@ export function qemuImg(cwd: string, ...args: string[]): string {
   return run(QEMU_IMG, args, cwd);
 }
 
+/** Whether `qemu-img compare -U` (run in `cwd`) calls the two images identical. */
+export function qemuSame(cwd: string, a: string, b: string): boolean {
+  try {
+    qemuImg(cwd, 'compare', '-U', a, b);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /** qemu-io on a qcow2 image with the given -c commands. */
 export function qemuIo(cwd: string, image: string, ...cmds: string[]): void {
   const args: string[] = ['-f', 'qcow2'];
